@@ -1,0 +1,266 @@
+"""Model configuration: what a Llama-family network looks like, read from Hugging Face.
+
+Dimension glossary, used in every einsum string, shape comment and jaxtyping annotation:
+
+    B  batch (sequences, or decode slots)       T  query tokens in this call
+    S  key/value positions (cache length)       D  model width (hidden_size)
+    F  MLP width (intermediate_size)            V  vocabulary
+    N  query heads   K  key/value heads   G = N // K   H  head dim   L  layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+# Architectures whose math this runtime implements, by the class name Hugging Face writes
+# into config.json, with the model_type used when "architectures" is absent.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+class ConfigError(ValueError):
+    """A config.json this runtime cannot serve faithfully; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling ("rope_type": "llama3"); see jaxllm.rope."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str = "LlamaForCausalLM"
+    vocab_size: int = 32000  # V
+    hidden_size: int = 4096  # D
+    intermediate_size: int = 11008  # F
+    num_layers: int = 32  # L
+    num_heads: int = 32  # N
+    num_kv_heads: int = 32  # K
+    head_dim: int = 128  # H
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias
+    # Per layer: attend to at most this many previous positions (Mistral, some Qwen2 layers).
+    sliding_windows: tuple[int | None, ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
+            raise ConfigError("sliding_windows needs one entry per layer")
+
+    @property
+    def group_size(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    def window(self, layer: int) -> int | None:
+        return None if self.sliding_windows is None else self.sliding_windows[layer]
+
+    @property
+    def num_params(self) -> int:
+        D, F, V, H = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        N, K = self.num_heads, self.num_kv_heads
+        attn = D * N * H * 2 + D * K * H * 2
+        attn += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias
+        layer = attn + 3 * D * F + 2 * D
+        embeddings = V * D * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embeddings + D
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        return _from_hf(raw)
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> ModelConfig:
+        config_path = Path(path) / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{config_path} not found: a Hugging Face model folder needs config.json"
+            )
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_path} is not valid JSON: {e}") from e
+        return _from_hf(raw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json contents that Hugging Face transformers and from_hf_dict both read."""
+        model_type = SUPPORTED_ARCHITECTURES[self.architecture]
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta}
+            rope.update(dataclasses.asdict(self.rope_scaling))
+        out: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) or None,
+        }
+        if model_type == "llama":
+            out["attention_bias"] = self.qkv_bias
+        windows = set(self.sliding_windows or [None])
+        if model_type == "mistral":
+            if len(windows) > 1:
+                raise ConfigError("Mistral applies one sliding_window to every layer")
+            out["sliding_window"] = windows.pop()
+        elif self.sliding_windows is not None and windows != {None}:
+            raise ConfigError(f"{model_type} configs cannot express per-layer sliding windows")
+        return out
+
+
+# Fields that change the math and that this runtime does not implement: rejected by name
+# rather than served wrong. Values listed are the ones that are harmless.
+_MUST_EQUAL = {
+    "hidden_act": ("silu",),
+    "mlp_bias": (False, None),
+    "pretraining_tp": (1, None),
+    "attn_logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+}
+
+
+def _from_hf(raw: dict[str, Any]) -> ModelConfig:
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    if archs:
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architectures={archs}: unsupported architecture {arch!r}; supported: "
+                f"{sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+    else:
+        by_type = {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}
+        if model_type not in by_type:
+            raise ConfigError(
+                f"model_type={model_type!r} is not supported and config.json names no "
+                f"architectures; supported model types: {sorted(by_type)}"
+            )
+        arch = by_type[model_type]
+    kind = SUPPORTED_ARCHITECTURES[arch]
+
+    for field, ok in _MUST_EQUAL.items():
+        if raw.get(field, ok[0]) not in ok:
+            raise ConfigError(f"{field}={raw[field]!r} is not supported (only {ok[0]!r})")
+
+    def need(field: str):
+        if raw.get(field) is None:
+            raise ConfigError(f"config.json is missing required field {field!r}")
+        return raw[field]
+
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    layers = int(need("num_hidden_layers"))
+    head_dim = raw.get("head_dim") or hidden // heads
+
+    rope = dict(raw.get("rope_parameters") or {})
+    legacy = raw.get("rope_scaling")
+    if legacy:
+        rope = {**legacy, **rope}
+    theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rope_type == "llama3":
+        try:
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        except KeyError as e:
+            raise ConfigError(f"rope_scaling of type 'llama3' is missing {e.args[0]!r}") from e
+    elif rope_type != "default":
+        raise ConfigError(
+            f"rope_scaling type {rope_type!r} is not supported (only 'default' and 'llama3')"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor is not supported (only 1.0)")
+
+    windows: tuple[int | None, ...] | None = None
+    if kind == "mistral" and raw.get("sliding_window"):
+        windows = (int(raw["sliding_window"]),) * layers
+    if kind == "qwen2" and raw.get("use_sliding_window"):
+        window = int(need("sliding_window"))
+        types = raw.get("layer_types") or [
+            "sliding_attention" if i >= raw.get("max_window_layers", layers) else "full_attention"
+            for i in range(layers)
+        ]
+        windows = tuple(window if t == "sliding_attention" else None for t in types)
+    if kind == "llama" and raw.get("sliding_window"):
+        raise ConfigError("sliding_window is not supported for LlamaForCausalLM")
+
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    attention_bias = bool(raw.get("attention_bias", False))
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2" or attention_bias,
+        o_bias=kind == "llama" and attention_bias,
+        sliding_windows=windows,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
+
+
+# Full-size presets, checked with jax.eval_shape (no memory) in the tests.
+LLAMA3_8B = ModelConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+)
+LLAMA3_70B = dataclasses.replace(
+    LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64
+)

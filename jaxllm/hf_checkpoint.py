@@ -1,0 +1,261 @@
+"""Hugging Face safetensors checkpoints: read tensor by tensor into sharded arrays, and write.
+
+Reading never materialises the model on the host. Each tensor is memory-mapped on its own,
+each device's shard is sliced out of the mapping (so only the pages it covers are read),
+converted and transposed into jaxllm's layout, and placed on its device; the mapping is
+closed before the next tensor. The safetensors format is simple enough (an 8-byte header
+length, a JSON header, raw little-endian data) that reading it directly keeps bfloat16 and
+slicing under our control.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ModelConfig
+from jaxllm.params import ModelSpec, named_params
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served as it is; the message names file and tensor."""
+
+
+class SafetensorsFile:
+    """Lazy view of one .safetensors file: header parsed up front, data mapped per tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > size - 8:
+                raise CheckpointError(f"{path}: header length {header_len} exceeds the file")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_len
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if info["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype")
+            begin, end = info["data_offsets"]
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = tuple(info["shape"])
+            if end - begin != int(np.prod(shape)) * dtype.itemsize:
+                raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets")
+            if self.data_start + end > size:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} lies past the end of the file "
+                    f"({self.data_start + end} > {size} bytes): the file is truncated"
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def mmap(self, name: str) -> np.memmap:
+        dtype, shape, begin, _ = self.entries[name]
+        if not shape or 0 in shape:
+            return np.zeros(shape, dtype)  # np.memmap cannot map zero bytes
+        return np.memmap(self.path, dtype, "r", offset=self.data_start + begin, shape=shape)
+
+
+class HFCheckpoint:
+    """The tensors of a Hugging Face model folder, by name, across one or many files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(
+                    f"no *.safetensors files in {self.path} (PyTorch .bin checkpoints are not "
+                    "supported; convert them with transformers' save_pretrained)"
+                )
+            weight_map = None
+        self.files: dict[str, SafetensorsFile] = {}
+        for name in files:
+            if not (self.path / name).is_file():
+                raise CheckpointError(f"{index} names {name}, which does not exist")
+            self.files[name] = SafetensorsFile(self.path / name)
+        self.location: dict[str, SafetensorsFile] = {}
+        for file in self.files.values():
+            for tensor in file.entries:
+                self.location[tensor] = file
+        if weight_map is not None:
+            for tensor, name in weight_map.items():
+                if tensor not in self.files[name].entries:
+                    raise CheckpointError(f"{index} puts {tensor!r} in {name}, which lacks it")
+
+    def names(self) -> set[str]:
+        return set(self.location)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """How Hugging Face stores one jaxllm parameter: under ``name`` with ``shape``; viewed as
+    ``view`` and transposed by ``perm`` it becomes jaxllm's layout."""
+
+    name: str
+    shape: tuple[int, ...]
+    view: tuple[int, ...]
+    perm: tuple[int, ...]
+
+
+def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
+    """jaxllm parameter name -> how Hugging Face stores it, for every parameter of ``cfg``."""
+    D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def plain(name, *shape, transpose=False):
+        return Stored(name, shape, shape, (1, 0) if transpose else tuple(range(len(shape))))
+
+    table = {
+        "embed": plain("model.embed_tokens.weight", V, D),
+        "final_norm.scale": plain("model.norm.weight", D),
+    }
+    if not cfg.tie_word_embeddings:
+        table["lm_head"] = plain("lm_head.weight", V, D, transpose=True)
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        attn = hf + "self_attn."
+        table |= {
+            ours + "attn_norm.scale": plain(hf + "input_layernorm.weight", D),
+            ours + "mlp_norm.scale": plain(hf + "post_attention_layernorm.weight", D),
+            ours + "attn.wq": Stored(attn + "q_proj.weight", (N * H, D), (N, H, D), (2, 0, 1)),
+            ours + "attn.wk": Stored(attn + "k_proj.weight", (K * H, D), (K, H, D), (2, 0, 1)),
+            ours + "attn.wv": Stored(attn + "v_proj.weight", (K * H, D), (K, H, D), (2, 0, 1)),
+            ours + "attn.wo": Stored(attn + "o_proj.weight", (D, N * H), (D, N, H), (1, 2, 0)),
+            ours + "mlp.w_gate": plain(hf + "mlp.gate_proj.weight", F, D, transpose=True),
+            ours + "mlp.w_up": plain(hf + "mlp.up_proj.weight", F, D, transpose=True),
+            ours + "mlp.w_down": plain(hf + "mlp.down_proj.weight", D, F, transpose=True),
+        }
+        if cfg.qkv_bias:
+            table |= {
+                ours + "attn.bq": Stored(attn + "q_proj.bias", (N * H,), (N, H), (0, 1)),
+                ours + "attn.bk": Stored(attn + "k_proj.bias", (K * H,), (K, H), (0, 1)),
+                ours + "attn.bv": Stored(attn + "v_proj.bias", (K * H,), (K, H), (0, 1)),
+            }
+        if cfg.o_bias:
+            table[ours + "attn.bo"] = plain(attn + "o_proj.bias", D)
+    return table
+
+
+# Stored by some exporters but carrying nothing the model needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _check_names(ckpt: HFCheckpoint, layout: dict[str, Stored], cfg: ModelConfig) -> None:
+    wanted = {stored.name for stored in layout.values()}
+    missing = sorted(wanted - ckpt.names())
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{ckpt.path}: missing tensors {', '.join(missing[:5])}{more}")
+    extra = {n for n in ckpt.names() - wanted if not n.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        extra.discard("lm_head.weight")  # a tied copy some exporters write anyway
+    if extra:
+        raise CheckpointError(
+            f"{ckpt.path}: tensors {sorted(extra)[:5]} are not part of a {cfg.architecture} "
+            "with this config.json; refusing to serve a model that would ignore weights"
+        )
+    for stored in layout.values():
+        found = ckpt.location[stored.name].shape(stored.name)
+        if found != stored.shape:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {stored.name!r} has shape {list(found)}, expected "
+                f"{list(stored.shape)} for this config.json"
+            )
+
+
+def read_into_shards(mapped: np.ndarray, stored: Stored, target: jax.ShapeDtypeStruct):
+    """Builds one sharded array; each device's block is sliced from the mapped tensor, so
+    only the bytes that device needs are read and converted."""
+    view = mapped.reshape(stored.view)
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        view_index = [slice(None)] * len(stored.view)
+        for ours, theirs in enumerate(stored.perm):
+            view_index[theirs] = index[ours]
+        return np.ascontiguousarray(view[tuple(view_index)].transpose(stored.perm), target.dtype)
+
+    return jax.make_array_from_callback(target.shape, target.sharding, block)
+
+
+def load_hf_state(
+    path: str | Path, spec: ModelSpec, progress: Callable[[Iterable], Iterable] = iter
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Parameters of ``spec`` read from the safetensors in ``path``, one tensor at a time."""
+    ckpt = HFCheckpoint(path)
+    layout = hf_layout(spec.config)
+    _check_names(ckpt, layout, spec.config)
+    graphdef, abstract_state = spec.abstract()
+    shardings = spec.shardings(abstract_state)
+    abstract = named_params(abstract_state)
+    targets = named_params(shardings)
+    arrays = {}
+    for ours in progress(sorted(layout)):
+        stored = layout[ours]
+        target = jax.ShapeDtypeStruct(
+            abstract[ours].shape, abstract[ours].dtype, sharding=targets[ours].get_value()
+        )
+        mapped = ckpt.location[stored.name].mmap(stored.name)
+        arrays[ours] = read_into_shards(mapped, stored, target)
+        del mapped  # unmap before the next tensor: only one is ever mapped
+    state = nnx.from_flat_state(
+        [
+            (path, var.replace(arrays[".".join(map(str, path))]))
+            for path, var in nnx.to_flat_state(shardings)
+        ]
+    )
+    return graphdef, state
+
+
+def save_hf_checkpoint(state: nnx.State, cfg: ModelConfig, path: str | Path) -> None:
+    """Writes ``state`` as ``model.safetensors`` + ``config.json`` in Hugging Face layout.
+
+    Gathers the whole model on the host: meant for small models (tests, the demo model).
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    params = named_params(state)
+    tensors = {}
+    for ours, stored in hf_layout(cfg).items():
+        value = np.asarray(jax.device_get(params[ours].get_value()))
+        value = value.transpose(np.argsort(stored.perm)).reshape(stored.shape)
+        tensors[stored.name] = np.ascontiguousarray(value)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))

@@ -1,0 +1,163 @@
+"""Logical-axis rules: the one place that maps named array dimensions to mesh axes.
+
+Every parameter, activation and cache array names its dimensions with logical names (below);
+a ``ShardingRules`` value says which mesh axes each name is split over. A parallelism
+strategy is therefore a rules value, not a code path: the same model runs tensor-parallel,
+FSDP, as data-parallel replicas, or any mix, by handing it other rules.
+
+Weight names and activation names are kept apart, so that e.g. the model width of weights
+(``embed``, split by FSDP) and of activations (``act_embed``, never split) can differ.
+
+Weights:      vocab, embed, q_heads, kv_heads, head_dim, mlp, norm
+Activations:  act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+KV cache:     cache_batch, cache_sequence, cache_kv_heads, cache_head_dim
+
+Two rules decide what happens where a layout cannot be honoured exactly:
+- a dimension that the mesh axes' total size does not divide (2 KV heads over tensor=4) is
+  replicated along those axes, on purpose, instead of failing deep inside XLA;
+- two dimensions of one array mapped to the same mesh axis is an error naming both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LOGICAL_AXES: frozenset[str] = frozenset(
+    "vocab embed q_heads kv_heads head_dim mlp norm "
+    "act_batch act_length act_embed act_heads act_kv_heads act_mlp act_vocab "
+    "cache_batch cache_sequence cache_kv_heads cache_head_dim".split()
+)
+
+AxisNames = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Maps logical dimension names to tuples of mesh axes (empty tuple: replicated).
+
+    Frozen and hashable, so it can sit in a jitted function's static arguments.
+    """
+
+    name: str
+    table: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def __post_init__(self):
+        unknown = {logical for logical, _ in self.table} - LOGICAL_AXES
+        if unknown:
+            raise ValueError(f"rules {self.name!r} name unknown logical axes {sorted(unknown)}")
+
+    @classmethod
+    def from_mapping(cls, name: str, mapping: Mapping[str, str | Sequence[str] | None]):
+        def as_tuple(axes):
+            if axes is None:
+                return ()
+            return (axes,) if isinstance(axes, str) else tuple(axes)
+
+        return cls(name, tuple(sorted((k, as_tuple(v)) for k, v in mapping.items())))
+
+    def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        if logical not in LOGICAL_AXES:
+            raise ValueError(f"unknown logical axis {logical!r}")
+        return dict(self.table).get(logical, ())
+
+    def spec(self, names: AxisNames, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+        """PartitionSpec for an array of ``shape`` whose dimensions are called ``names``."""
+        if len(names) != len(shape):
+            raise ValueError(f"logical axes {names} do not match shape {tuple(shape)}")
+        used: dict[str, str] = {}
+        parts: list[str | tuple[str, ...] | None] = []
+        for logical, size in zip(names, shape, strict=True):
+            axes = tuple(a for a in self.mesh_axes(logical) if mesh.shape.get(a, 1) > 1)
+            for axis in axes:
+                if axis in used:
+                    raise ValueError(
+                        f"rules {self.name!r} map both {used[axis]!r} and {logical!r} of one "
+                        f"array {names} to mesh axis {axis!r}"
+                    )
+                used[axis] = logical
+            split = int(np.prod([mesh.shape[a] for a in axes]))
+            if not axes or size % split:
+                parts.append(None)  # replicated: nothing to split, or not evenly splittable
+            else:
+                parts.append(axes[0] if len(axes) == 1 else axes)
+        while parts and parts[-1] is None:
+            parts.pop()
+        return PartitionSpec(*parts)
+
+    def sharding(self, names: AxisNames, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(names, shape, mesh))
+
+
+_ACTIVATIONS_TP = {
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    "cache_kv_heads": "tensor",
+}
+
+TENSOR_PARALLEL = ShardingRules.from_mapping(
+    "tensor_parallel",
+    {
+        "vocab": "tensor",
+        "q_heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+        "act_batch": "data",
+        "cache_batch": "data",
+        **_ACTIVATIONS_TP,
+    },
+)
+
+FSDP = ShardingRules.from_mapping(
+    "fsdp",
+    {"embed": "fsdp", "act_batch": ("data", "fsdp"), "cache_batch": ("data", "fsdp")},
+)
+
+DATA_PARALLEL = ShardingRules.from_mapping(
+    "data_parallel", {"act_batch": "data", "cache_batch": "data"}
+)
+
+FSDP_TENSOR = ShardingRules.from_mapping(
+    "fsdp_tensor",
+    {
+        "vocab": "tensor",
+        "embed": "fsdp",
+        "q_heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+        "act_batch": ("data", "fsdp"),
+        "cache_batch": ("data", "fsdp"),
+        **_ACTIVATIONS_TP,
+    },
+)
+
+PRESETS: dict[str, ShardingRules] = {
+    r.name: r for r in (TENSOR_PARALLEL, FSDP, DATA_PARALLEL, FSDP_TENSOR)
+}
+
+# FSDP x tensor uses every mesh axis; on a mesh whose fsdp axis has size 1 it is exactly
+# tensor parallelism, so it is the right default for any mesh.
+DEFAULT_RULES = FSDP_TENSOR
+
+
+def get_rules(rules: ShardingRules | str | None) -> ShardingRules:
+    if rules is None:
+        return DEFAULT_RULES
+    if isinstance(rules, ShardingRules):
+        return rules
+    if rules not in PRESETS:
+        raise ValueError(f"unknown sharding preset {rules!r}; presets: {sorted(PRESETS)}")
+    return PRESETS[rules]
+
+
+def constrain(x: jax.Array, names: AxisNames, mesh: Mesh, rules: ShardingRules) -> jax.Array:
+    """Pins an activation's layout inside a jitted function (block boundaries)."""
+    return jax.lax.with_sharding_constraint(x, rules.sharding(names, x.shape, mesh))
