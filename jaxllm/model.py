@@ -54,7 +54,7 @@ class RMSNorm(nnx.Module):
         # Normalise in float32 whatever the activation dtype, as Hugging Face does.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...] * x32.astype(x.dtype)
+        return self.scale[...][None, None, :] * x32.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -88,7 +88,7 @@ class Attention(nnx.Module):
         k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...])
         v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...])
         if self.qkv_bias:
-            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+            q, k, v = q + self.bq[None, None], k + self.bk[None, None], v + self.bv[None, None]
         q = rope.apply_rotary(q, cos, sin)
         k = rope.apply_rotary(k, cos, sin)
         q = self.layout(q, "act_batch", "act_length", "act_heads", None)
@@ -112,7 +112,7 @@ class Attention(nnx.Module):
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, cache_v).reshape(B, T, N, H)
         out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...])
         if self.o_bias:
-            out = out + self.bo[...]
+            out = out + self.bo[None, None]
         return out, cache_k, cache_v
 
 

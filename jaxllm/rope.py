@@ -39,7 +39,7 @@ def rotary_angles(
     positions: Int[Array, "B T"], inv_freq: Float[Array, " H2"]
 ) -> tuple[Float[Array, "B T H"], Float[Array, "B T H"]]:
     """cos and sin of each position's angles, duplicated over both halves of the head."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 

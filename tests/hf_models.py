@@ -1,0 +1,72 @@
+"""Tiny random Hugging Face checkpoints written by `transformers` itself, for parity tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Short, so that the scaling bends frequencies that a 64-token prompt actually uses.
+    "original_max_position_embeddings": 16,
+}
+
+_BASE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=320,
+    max_position_embeddings=256,
+    # Larger than the default 0.02 so that logits spread out and a wrong detail shows.
+    initializer_range=0.08,
+    bos_token_id=256,
+    eos_token_id=257,
+)
+
+# Every architecture and config variant the runtime claims to serve.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama2": ("LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama3_gqa": ("LlamaForCausalLM", dict(num_key_value_heads=2, rope_theta=500000.0)),
+    "llama31_rope_scaling": (
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, rope_scaling=dict(LLAMA3_ROPE, rope_theta=500000.0)),
+    ),
+    "llama_head_dim": ("LlamaForCausalLM", dict(num_key_value_heads=2, head_dim=24)),
+    "llama_tied": ("LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama_attention_bias": ("LlamaForCausalLM", dict(num_key_value_heads=2, attention_bias=True)),
+    "mistral_sliding": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=16)),
+    "qwen2_bias": ("Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+def build(variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    arch, extra = VARIANTS[variant]
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config = config_cls(**{**_BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    # Norm scales start at exactly 1; randomise them so a mis-mapped norm cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def write(variant: str, path: Path, seed: int = 0, **overrides) -> torch.nn.Module:
+    model = build(variant, seed, **overrides)
+    model.save_pretrained(path)
+    return model
+
+
+def torch_logits(model: torch.nn.Module, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float()
