@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxllm.kv_cache import KVCache
 from jaxllm.params import ModelSpec
+from jaxllm.sampling import SamplingArrays, sample
 
 
 class ModelRunner:
@@ -26,6 +27,8 @@ class ModelRunner:
         self.params, self._treedef = jax.tree.flatten(state)
         self.forward = jax.jit(self._forward, donate_argnames="cache")
         self.forward_at = jax.jit(self._forward_at, donate_argnames="cache")
+        self.prefill = jax.jit(self._prefill, donate_argnames="cache")
+        self.decode = jax.jit(self._decode, donate_argnames="cache")
 
     @property
     def state(self) -> nnx.State:
@@ -74,3 +77,15 @@ class ModelRunner:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return self._cache_factory(batch, max_len)()
+
+    def _prefill(self, params, tokens, lengths, cache, sampling: SamplingArrays, step):
+        """Prompt rows padded to one bucket length -> first sampled token of each row."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        logits, cache = self._forward_at(params, tokens, positions, cache, lengths - 1)
+        return sample(logits, sampling, step), cache
+
+    def _decode(self, params, tokens, positions, cache, sampling: SamplingArrays, step):
+        """One token per row at its own position -> the next sampled token of each row."""
+        last = jnp.zeros(tokens.shape, jnp.int32)
+        logits, cache = self._forward_at(params, tokens[:, None], positions[:, None], cache, last)
+        return sample(logits, sampling, step), cache

@@ -1,0 +1,29 @@
+"""Prompt length buckets: the one place that decides which padded shapes get compiled."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_BUCKET = 16
+
+
+def prefill_buckets(max_prompt_len: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
+    """Powers of two from ``min_bucket`` up to and including ``max_prompt_len``."""
+    buckets, size = [], min_bucket
+    while size < max_prompt_len:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_prompt_len)
+
+
+def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"prompt of {length} tokens is longer than the maximum of {buckets[-1]}")
+
+
+def pad_to(tokens: list[int], length: int, pad_id: int = 0) -> np.ndarray:
+    out = np.full((length,), pad_id, np.int32)
+    out[: len(tokens)] = tokens
+    return out
