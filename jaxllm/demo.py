@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 RANDOM_DEMO_CONFIG = ModelConfig(
     architecture="LlamaForCausalLM",
-    vocab_size=320,  # 256 bytes + 2 specials, rounded up so the vocab splits over 8 devices
+    vocab_size=258,  # 256 bytes + BOS + EOS: every id the model can emit decodes
     hidden_size=128,
     intermediate_size=384,
     num_layers=4,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -214,32 +214,26 @@ def read_into_shards(mapped: np.ndarray, stored: Stored, target: jax.ShapeDtypeS
 
 
 def load_hf_state(
-    path: str | Path, spec: ModelSpec, progress: Callable[[Iterable], Iterable] = iter
+    path: str | Path, spec: ModelSpec, on_tensor: Callable[[str, int], None] | None = None
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Parameters of ``spec`` read from the safetensors in ``path``, one tensor at a time."""
+    """Parameters of ``spec`` read from the safetensors in ``path``, one tensor at a time.
+
+    ``on_tensor(name, nbytes)`` is called after each parameter is placed (progress bars).
+    """
     ckpt = HFCheckpoint(path)
     layout = hf_layout(spec.config)
     _check_names(ckpt, layout, spec.config)
-    graphdef, abstract_state = spec.abstract()
-    shardings = spec.shardings(abstract_state)
-    abstract = named_params(abstract_state)
-    targets = named_params(shardings)
-    arrays = {}
-    for ours in progress(sorted(layout)):
-        stored = layout[ours]
-        target = jax.ShapeDtypeStruct(
-            abstract[ours].shape, abstract[ours].dtype, sharding=targets[ours].get_value()
-        )
+
+    def read(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+        stored = layout[name]
         mapped = ckpt.location[stored.name].mmap(stored.name)
-        arrays[ours] = read_into_shards(mapped, stored, target)
+        array = read_into_shards(mapped, stored, target)
         del mapped  # unmap before the next tensor: only one is ever mapped
-    state = nnx.from_flat_state(
-        [
-            (path, var.replace(arrays[".".join(map(str, path))]))
-            for path, var in nnx.to_flat_state(shardings)
-        ]
-    )
-    return graphdef, state
+        if on_tensor is not None:
+            on_tensor(name, array.size * array.dtype.itemsize)
+        return array
+
+    return spec.fill(read)
 
 
 def save_hf_checkpoint(state: nnx.State, cfg: ModelConfig, path: str | Path) -> None:

@@ -82,9 +82,9 @@ class LLM:
             config = ModelConfig.from_hf_dir(path)
             tokenizer = Tokenizer.from_dir(path)
             spec = ModelSpec(config, dtype, mesh, get_rules(rules))
-            graphdef, state = load_hf_state(
-                path, spec, progress=lambda names: tqdm(names, desc="loading", unit="tensor")
-            )
+            total = config.num_params * jnp.dtype(dtype).itemsize
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}") as bar:
+                graphdef, state = load_hf_state(path, spec, lambda _, n: bar.update(n))
             name = path.name
         max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
         return cls(ModelRunner(spec, graphdef, state), tokenizer, max_seq_len, name)

@@ -6,6 +6,8 @@ row can be drawn: from the top candidates, from the whole vocabulary with thresh
 from the whole vocabulary after an exact radix select.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,33 +17,29 @@ from jaxllm import sampling
 from jaxllm.sampling import SamplingArrays, SamplingParams, sample
 
 V = 300
+B = 8
 N_DRAWS = 20_000
 P = SamplingParams
 
-_sample = jax.jit(sample)
-
 
 @jax.jit
-def _draws(logits, params, steps):
-    """Tokens [N, B] for steps [N, B]: the same logits drawn N times, in chunks to bound memory."""
+def _draws_jit(logits, params, steps):
     return jax.lax.map(lambda st: sample(logits, params, st), steps, batch_size=2000)
 
 
-def _arrays(params, seeds=None):
-    return SamplingArrays.from_params(params, range(len(params)) if seeds is None else seeds)
+def draws(logits, params, seeds=None):
+    """Tokens [N_DRAWS, B]: row b drawn N_DRAWS times from logits[b] (steps 0, 1, ...).
 
-
-def _steps(n, batch):
-    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, batch))
+    Every test uses these shapes, so the sampler compiles once for the whole file.
+    """
+    assert len(params) == B
+    arrays = SamplingArrays.from_params(params, range(B) if seeds is None else seeds)
+    steps = jnp.broadcast_to(jnp.arange(N_DRAWS, dtype=jnp.int32)[:, None], (N_DRAWS, B))
+    return np.asarray(_draws_jit(jnp.asarray(logits, jnp.float32), arrays, steps))
 
 
 def _random_logits(seed, batch, vocab=V, scale=1.5):
     return np.array(jax.random.normal(jax.random.key(seed), (batch, vocab)) * scale)
-
-
-def _geometric_logits(ratio=0.97, vocab=V):
-    """Logits of known probabilities p_i proportional to ratio**i, strictly decreasing."""
-    return np.log(ratio ** np.arange(vocab))
 
 
 def reference_probs(logits, p: SamplingParams) -> np.ndarray:
@@ -90,14 +88,13 @@ MIXED = [
 
 
 @pytest.fixture(scope="module")
-def mixed_draws():
-    logits = _random_logits(0, len(MIXED))
-    tokens = np.asarray(_draws(logits, _arrays(MIXED), _steps(N_DRAWS, len(MIXED))))
-    return logits, tokens
+def mixed():
+    logits = _random_logits(0, B)
+    return logits, draws(logits, MIXED)
 
 
-def test_mixed_batch_matches_reference_distributions(mixed_draws):
-    logits, tokens = mixed_draws
+def test_mixed_batch_matches_reference_distributions(mixed):
+    logits, tokens = mixed
     for b, p in enumerate(MIXED):
         if p.temperature == 0:
             assert (tokens[:, b] == np.argmax(logits[b])).all()
@@ -105,126 +102,120 @@ def test_mixed_batch_matches_reference_distributions(mixed_draws):
             assert_drawn_from(tokens[:, b], reference_probs(logits[b], p))
 
 
-def test_top_k_never_leaves_the_k_largest(mixed_draws):
-    logits, tokens = mixed_draws
+def test_top_k_never_leaves_the_k_largest(mixed):
+    logits, tokens = mixed
     for b, p in enumerate(MIXED):
         if p.top_k:
             allowed = np.argsort(-logits[b])[: p.top_k]
             assert np.isin(tokens[:, b], allowed).all()
 
 
-def _cut_between(mass_before, mass_after):
-    """A top_p halfway between two cumulative masses, far from any rounding boundary."""
-    return float((mass_before + mass_after) / 2)
+def _top_p_keeping(n_keep, probs):
+    """A top_p whose nucleus is the n_keep most likely tokens, halfway between two cumulative
+    masses so that no rounding can move the cut."""
+    cum = np.cumsum(np.sort(probs)[::-1])
+    return float((cum[n_keep - 2] + cum[n_keep - 1]) / 2)
 
 
-@pytest.mark.parametrize("n_keep", [5, 40, 120])  # inside and beyond the candidates
-def test_top_p_keeps_exactly_the_nucleus(n_keep):
-    logits = _geometric_logits()
-    probs = np.exp(logits) / np.exp(logits).sum()
-    cum = np.cumsum(probs)
-    p = P(top_p=_cut_between(cum[n_keep - 2], cum[n_keep - 1]))
-    tokens = np.asarray(_draws(logits[None], _arrays([p]), _steps(N_DRAWS, 1)))[:, 0]
-    assert tokens.max() == n_keep - 1  # the nucleus is tokens 0 .. n_keep-1, all reached
-    expected = np.where(np.arange(V) < n_keep, probs, 0.0)
-    assert_drawn_from(tokens, expected / expected.sum())
-    assert_drawn_from(tokens, reference_probs(logits, p))
-
-
-@pytest.mark.parametrize("min_p", [0.3, 0.01])  # 40 and 152 tokens kept
-def test_min_p_drops_tokens_below_the_ratio(min_p):
-    logits = _geometric_logits()
-    tokens = np.asarray(_draws(logits[None], _arrays([P(min_p=min_p)]), _steps(N_DRAWS, 1)))
-    n_keep = int(np.sum(0.97 ** np.arange(V) >= min_p))
-    assert tokens.max() < n_keep
-    assert_drawn_from(tokens[:, 0], reference_probs(logits, P(min_p=min_p)))
+def test_top_p_and_min_p_keep_exactly_their_sets():
+    """Known probabilities p_i proportional to 0.99**i; the kept sets sit inside and beyond
+    the candidates, and each cut is far from any rounding boundary."""
+    ratio = 0.99 ** np.arange(V)
+    logits, probs = np.log(ratio), ratio / ratio.sum()
+    n_top_p = [5, 40, 120, 250]
+    params = [P(top_p=_top_p_keeping(n, probs)) for n in n_top_p]
+    params += [P(min_p=0.3), P(min_p=0.08)]  # ratios 0.3024 | 0.2994 and 0.0802 | 0.0794
+    params += [P(top_k=30, top_p=_top_p_keeping(20, probs[:30] / probs[:30].sum())), P()]
+    n_keep = [*n_top_p, 120, 252, 20, V]
+    tokens = draws(np.tile(logits, (B, 1)), params)
+    for b, n in enumerate(n_keep):
+        assert tokens[:, b].max() == n - 1  # tokens 0 .. n-1 are kept, the last one is reached
+        expected = np.where(np.arange(V) < n, probs, 0.0)
+        assert_drawn_from(tokens[:, b], expected / expected.sum())
+        assert_drawn_from(tokens[:, b], reference_probs(logits, params[b]))
 
 
 def test_candidate_only_batch_matches_reference():
     params = [P(temperature=0.9, top_k=30), P(top_p=0.5), P(temperature=2.0, top_k=64)]
-    logits = _random_logits(1, len(params), scale=3.0)
-    tokens = np.asarray(_draws(logits, _arrays(params), _steps(N_DRAWS, len(params))))
+    params += [P(temperature=0.0), P(temperature=0.6, min_p=0.5)] + [P(top_k=5)] * 3
+    logits = _random_logits(1, B, scale=3.0)
+    tokens = draws(logits, params)
     for b, p in enumerate(params):
-        assert_drawn_from(tokens[:, b], reference_probs(logits[b], p))
+        assert_drawn_from(
+            tokens[:, b],
+            reference_probs(logits[b], p) if p.temperature else np.eye(V)[np.argmax(logits[b])],
+        )
 
 
 def test_greedy_is_argmax_with_ties_to_lowest_index():
-    logits = _random_logits(2, 4)
+    logits = _random_logits(2, B)
     logits[1, [7, 3, 250]] = 50.0
-    tokens = _sample(logits, SamplingArrays.neutral(4), jnp.zeros(4, jnp.int32))
-    np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
-    assert int(tokens[1]) == 3
+    logits[2, [9, 40]] = 50.0
+    assert (draws(logits, [P(temperature=0.0)] * B) == np.argmax(logits, axis=-1)).all()
     # The same greedy rows in a batch that also samples.
-    mixed = _arrays([P(temperature=0.0), P(temperature=0.0), P(), P(temperature=0.0)])
-    tokens = _sample(logits, mixed, jnp.arange(4, dtype=jnp.int32))
-    np.testing.assert_array_equal(tokens[[0, 1, 3]], np.argmax(logits, axis=-1)[[0, 1, 3]])
+    params = [P(temperature=0.0)] * 4 + [P(), P(top_p=0.9), P(top_k=200), P(min_p=0.1)]
+    tokens = draws(logits, params)
+    assert (tokens[:, :4] == np.argmax(logits[:4], axis=-1)).all()
+    assert (tokens[:, 1] == 3).all() and (tokens[:, 2] == 9).all()
 
 
 def test_top_k_1_is_greedy():
-    logits = _random_logits(3, 8)
-    params = _arrays([P(temperature=1.3, top_k=1)] * 8)
-    tokens = np.asarray(_draws(logits, params, _steps(200, 8)))
-    assert (tokens == np.argmax(logits, axis=-1)).all()
+    logits = _random_logits(3, B)
+    params = [P(temperature=t, top_k=1) for t in (0.1, 0.5, 1.0, 1.5, 2.0, 5.0, 50.0, 100.0)]
+    assert (draws(logits, params) == np.argmax(logits, axis=-1)).all()
 
 
-def test_row_token_depends_only_on_its_own_row(mixed_draws):
-    """Permuting the batch permutes the tokens, and a row's tokens stay the same when every
-    other row changes, including when that switches the batch between candidate-only,
+def test_row_token_depends_only_on_its_own_row(mixed):
+    """Permuting the batch permutes the tokens, and a row's tokens stay the same when the
+    other rows change, including when that switches the batch between the candidate-only,
     whole-vocabulary and radix-select paths."""
-    logits, tokens = mixed_draws
-    n = 200
+    logits, tokens = mixed
     perm = np.array([5, 2, 7, 0, 3, 6, 1, 4])
-    seeds = np.arange(len(MIXED))
-    permuted = _draws(
-        logits[perm], _arrays([MIXED[i] for i in perm], seeds[perm]), _steps(n, len(MIXED))
-    )
-    np.testing.assert_array_equal(np.asarray(permuted), tokens[:n, perm])
+    permuted = draws(logits[perm], [MIXED[i] for i in perm], seeds=perm)
+    np.testing.assert_array_equal(permuted, tokens[:, perm])
 
-    others = _random_logits(4, len(MIXED))
-    for row in range(len(MIXED) - 1):
-        for filler in (P(temperature=0.0), P(temperature=0.3, top_k=3), P(top_p=0.95)):
-            batch = [filler] * 3
-            batch[1] = MIXED[row]
-            rows = others[:3].copy()
-            rows[1] = logits[row]
-            seeds = [11, row, 12]
-            alone = _draws(rows, _arrays(batch, seeds), _steps(n, 3))
-            np.testing.assert_array_equal(np.asarray(alone)[:, 1], tokens[:n, row])
+    others = _random_logits(4, B)
+    # Candidate rows 1 and 5 beside greedy rows only: the batch never leaves the candidates.
+    # Row 0 (whole vocabulary, no filter) beside candidate rows: no radix select runs.
+    for moved, filler in [({6: 1, 2: 5}, P(temperature=0.0)), ({3: 0}, P(top_k=3))]:
+        rows, params, seeds = others.copy(), [filler] * B, list(range(100, 100 + B))
+        for at, row in moved.items():
+            rows[at], params[at], seeds[at] = logits[row], MIXED[row], row
+        alone = draws(rows, params, seeds)
+        for at, row in moved.items():
+            np.testing.assert_array_equal(alone[:, at], tokens[:, row])
 
 
 def test_same_seed_and_step_reproduce_and_different_seeds_differ():
-    logits = np.zeros((4, V), np.float32)  # uniform: two streams agree 1 time in V
-    steps = _steps(500, 4)
-    a = np.asarray(_draws(logits, _arrays([P()] * 4, [7, 7, 8, 2**40 + 7]), steps))
-    b = np.asarray(_draws(logits, _arrays([P()] * 4, [7, 7, 8, 2**40 + 7]), steps))
-    np.testing.assert_array_equal(a, b)
+    logits = np.zeros((B, V), np.float32)  # uniform: two streams agree 1 time in V
+    seeds = [7, 7, 8, 2**40 + 7, 2**63 - 1, 0, 1, 2]
+    a = draws(logits, [P()] * B, seeds)
+    np.testing.assert_array_equal(a, draws(logits, [P()] * B, seeds))
     np.testing.assert_array_equal(a[:, 0], a[:, 1])
-    assert np.mean(a[:, 0] == a[:, 2]) < 0.03
-    assert np.mean(a[:, 0] == a[:, 3]) < 0.03  # the high word of the seed counts
-    assert len(np.unique(a[:, 0])) > 200  # steps give fresh draws
+    for b in range(2, B):
+        assert np.mean(a[:, 0] == a[:, b]) < 0.01  # 2**40 + 7: the high word counts
+    assert np.mean(a[1:, 0] == a[:-1, 0]) < 0.01  # each step is a fresh draw
 
 
 def test_disabled_filters_are_no_ops():
-    logits = _random_logits(5, 1)
-    off = [P(top_k=V), P(top_k=V + 10), P(top_p=1.0, min_p=0.0), P(top_k=0)]
-    rows = np.repeat(logits, len(off), axis=0)
-    steps = _steps(300, len(off))
-    tokens = np.asarray(_draws(rows, _arrays(off, [9] * len(off)), steps))
-    for b in range(1, len(off)):
+    off = [P(top_k=V), P(top_k=V + 10), P(top_p=1.0, min_p=0.0), P(top_k=0)] * 2
+    off[4:] = [dataclasses.replace(p, temperature=0.6, top_p=0.5) for p in off[4:]]
+    tokens = draws(np.tile(_random_logits(5, 1), (B, 1)), off, seeds=[9] * B)
+    for b in (1, 2, 3):
         np.testing.assert_array_equal(tokens[:, b], tokens[:, 0])
+        np.testing.assert_array_equal(tokens[:, 4 + b], tokens[:, 4])
 
 
 def test_masked_vocabulary_is_never_drawn():
-    logits = _random_logits(6, 2)
+    logits = _random_logits(6, B)
     logits[:, 10:] = -np.inf  # fewer finite logits than candidates
-    params = _arrays([P(temperature=2.0), P(top_p=0.99)])
-    tokens = np.asarray(_draws(logits, params, _steps(2000, 2)))
-    assert tokens.max() < 10
+    params = [P(temperature=2.0), P(top_p=0.99), P(min_p=0.0), P(top_k=100)] * 2
+    assert draws(logits, params).max() < 10
 
 
 def test_arrays_layout():
     neutral = SamplingArrays.neutral(3)
-    built = _arrays([P(temperature=0.5, top_k=4, top_p=0.9, min_p=0.1, seed=1)] * 3)
+    built = SamplingArrays.from_params([P(temperature=0.5, top_k=4, min_p=0.1)] * 3, [1, 2, 3])
     same = jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), neutral, built)
     assert jax.tree.structure(neutral) == jax.tree.structure(built) and all(jax.tree.leaves(same))
     assert (neutral.temperature == 0).all() and (neutral.top_p == 1).all()

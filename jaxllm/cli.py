@@ -1,0 +1,118 @@
+"""The ``jaxllm`` command line.
+
+    jaxllm generate [--model PATH] [--mesh data=2,tensor=4] [sampling flags] PROMPT
+    jaxllm info [--model PATH] [--mesh ...]
+
+Without ``--model`` the embedded demo model is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hugging Face model folder (default: demo model)")
+    parser.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: tensor=all)")
+    parser.add_argument("--dtype", help="parameter dtype (default: float32 on CPU, else bfloat16)")
+    parser.add_argument("--rules", help="sharding preset (default: fsdp_tensor)")
+    parser.add_argument("--max-seq-len", type=int, help="context length of the KV cache")
+
+
+def _load(args):
+    from jaxllm.llm import LLM
+
+    return LLM.load(
+        args.model,
+        mesh=args.mesh,
+        dtype=args.dtype,
+        rules=args.rules,
+        max_seq_len=args.max_seq_len,
+    )
+
+
+def _generate(args) -> int:
+    llm = _load(args)
+    sampling = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    start = time.perf_counter()
+    count = 0
+    sys.stdout.write(args.prompt if not args.chat else "")
+    for piece in llm.stream(prompt, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        count += 1
+    elapsed = time.perf_counter() - start
+    print(f"\n[{llm.name}: {elapsed:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def _info(args) -> int:
+    import jax.numpy as jnp
+
+    from sharding import describe_mesh
+
+    llm = _load(args)
+    cfg = llm.config
+    info = {
+        "model": llm.name,
+        "architecture": cfg.architecture,
+        "parameters": cfg.num_params,
+        "layers": cfg.num_layers,
+        "vocab_size": cfg.vocab_size,
+        "max_seq_len": llm.max_seq_len,
+        "dtype": jnp.dtype(llm.runner.spec.dtype).name,
+        "mesh": describe_mesh(llm.mesh),
+        "rules": llm.runner.spec.rules.name,
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="complete a prompt, streaming to the terminal")
+    _add_model_args(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.set_defaults(run=_generate)
+
+    info = commands.add_parser("info", help="describe the loaded model and its layout")
+    _add_model_args(info)
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what, not a traceback
+        print(f"jaxllm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
