@@ -54,7 +54,10 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: too short to be a safetensors file")
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > size - 8:
-                raise CheckpointError(f"{path}: header length {header_len} exceeds the file")
+                raise CheckpointError(
+                    f"{path}: header of {header_len} bytes does not fit in the file's {size} "
+                    "bytes: the file is truncated or not a safetensors file"
+                )
             try:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -112,6 +115,11 @@ class HFCheckpoint:
         self.location: dict[str, SafetensorsFile] = {}
         for file in self.files.values():
             for tensor in file.entries:
+                if tensor in self.location:
+                    raise CheckpointError(
+                        f"tensor {tensor!r} is stored in both {self.location[tensor].path.name} "
+                        f"and {file.path.name}; remove the stale file"
+                    )
                 self.location[tensor] = file
         if weight_map is not None:
             for tensor, name in weight_map.items():

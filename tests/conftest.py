@@ -14,3 +14,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Runtime shape checks of every jaxtyping annotation (e.g. Float[Array, "B T D"]) in the
+# project's packages: a dimension that disagrees between arguments fails the call.
+from jaxtyping import install_import_hook  # noqa: E402
+
+install_import_hook(["jaxllm", "sharding", "serve"], "beartype.beartype")
