@@ -26,27 +26,32 @@ from jax import lax
 from jaxtyping import Array, Float, Int, UInt32
 
 _NUM_CANDIDATES = 64
-# Block width of the two-level inverse CDF over V: a flat cumsum over V costs about 4x more.
-_BLOCK = 256
+# Temperatures below this draw greedily, as in vLLM: the scaled logits would be all but one-hot.
+_MIN_TEMPERATURE = 1e-5
+# Fan-out of the tree of block sums that a draw over the whole vocabulary walks down.
+_FANOUT = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling options, as a user gives them. `temperature == 0` is greedy."""
 
+    # `float | int` spells out PEP 484's numeric tower, which runtime checkers (beartype) do
+    # not assume: temperature=0 must be accepted.
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | int = 1.0
+    top_p: float | int = 1.0
     top_k: int = 0  # 0 = off
-    min_p: float = 0.0
+    min_p: float | int = 0.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    # Any sequence, or one string (as in the OpenAI API); stored as a tuple to stay hashable.
+    stop: str | Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
 
     def __post_init__(self):
-        # Lists are accepted for convenience; tuples keep the dataclass hashable.
-        object.__setattr__(self, "stop", tuple(self.stop))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
@@ -64,6 +69,9 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
 
 
+_Arr = Array | np.ndarray  # numpy on the host, jax arrays on the device
+
+
 class SamplingArrays(NamedTuple):
     """Per-row sampling parameters as arrays, the form `sample` takes inside jit.
 
@@ -72,11 +80,11 @@ class SamplingArrays(NamedTuple):
     2**32; above that jax drops the high word unless x64 is on, and this keeps it).
     """
 
-    temperature: Float[Array, " B"]  # 0 = greedy
-    top_k: Int[Array, " B"]  # 0 = off
-    top_p: Float[Array, " B"]  # 1 = off
-    min_p: Float[Array, " B"]  # 0 = off
-    seed: UInt32[Array, "B 2"]
+    temperature: Float[_Arr, " B"]  # 0 = greedy
+    top_k: Int[_Arr, " B"]  # 0 = off
+    top_p: Float[_Arr, " B"]  # 1 = off
+    min_p: Float[_Arr, " B"]  # 0 = off
+    seed: UInt32[_Arr, "B 2"]
 
     @classmethod
     def from_params(
@@ -112,6 +120,11 @@ def _take(x: Array, i: Array) -> Array:
     return jnp.take_along_axis(x, _col(i), axis=-1)[:, 0]
 
 
+def _mass(s: Array, m: Array, thr: Array) -> Array:
+    """Unnormalised weights exp(s - max) of the tokens at or above thr. s [..., n], m/thr [B]."""
+    return jnp.where(s >= _col(thr), jnp.exp(s - _col(m)), 0.0)
+
+
 def _sortable(x: Array) -> Array:
     """float32 -> uint32 whose unsigned order is the float order (for the radix select)."""
     b = lax.bitcast_convert_type(x, jnp.uint32)
@@ -128,11 +141,13 @@ def _radix_select(s: Array, holds) -> Array:
     small t), found bit by bit in 32 masked passes over s [B, V]; returns t as float32 [B]."""
     keys = _sortable(s)
 
-    def step(i, t):
-        trial = t | lax.shift_left(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-        return jnp.where(holds(keys >= _col(trial)), trial, t)
+    def step(_, carry):
+        t, bit = carry  # bit: the one being decided, from the top down
+        trial = t | bit
+        return jnp.where(holds(keys >= _col(trial)), trial, t), bit >> 1
 
-    return _unsortable(lax.fori_loop(0, 32, step, jnp.zeros(s.shape[:1], jnp.uint32)))
+    init = (jnp.zeros(s.shape[:1], jnp.uint32), jnp.uint32(1 << 31))
+    return _unsortable(lax.fori_loop(0, 32, step, init)[0])
 
 
 def _pick(cdf: Array, target: Array, weight: Array) -> Array:
@@ -143,33 +158,42 @@ def _pick(cdf: Array, target: Array, weight: Array) -> Array:
     return jnp.minimum(i, last)
 
 
+def _cdf(w: Array) -> Array:
+    """Inclusive prefix sums of w [B, n] along n, for small n, as one masked sum per entry
+    rather than a scan: XLA compiles and batches it faster, and with one reduction order for
+    every entry it is monotone, and flat exactly where the weight is zero."""
+    n = w.shape[-1]
+    upto = lax.broadcasted_iota(jnp.int32, (1, n, n), 2) <= lax.broadcasted_iota(
+        jnp.int32, (1, n, n), 1
+    )  # [1, j, i]: i <= j
+    return jnp.sum(jnp.where(upto, w[:, None, :], 0.0), axis=-1)
+
+
 def _draw_full(s: Array, m: Array, thr: Array, u: Array) -> Array:
-    """Inverse-CDF draw over the whole vocabulary in token order: pick a block of `_BLOCK`
-    tokens from the block masses, then a token inside it. s [B, V], m/thr/u [B]."""
-    batch, vocab = s.shape
-    n = -(-vocab // _BLOCK)
-    w = jnp.where(s >= _col(thr), jnp.exp(s - _col(m)), 0.0)
-    w = jnp.pad(w, ((0, 0), (0, n * _BLOCK - vocab))).reshape(batch, n, _BLOCK)
-    mass = jnp.sum(w, axis=-1)  # [B, n]
-    cdf = jnp.cumsum(mass, axis=-1)
-    target = u * cdf[:, -1]
-    blk = _pick(cdf, target, mass)
-    before = jnp.where(blk > 0, _take(cdf, jnp.maximum(blk - 1, 0)), 0.0)
-    inner = jnp.take_along_axis(w, blk[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
-    j = _pick(_col(before) + jnp.cumsum(inner, axis=-1), target, inner)
-    return blk * _BLOCK + j
+    """Inverse-CDF draw over the whole vocabulary in token order, down a tree of block sums
+    with fan-out `_FANOUT`, so that one draw reads a few blocks rather than all of V.
+    s [B, V]; m, thr, u [B]."""
+    levels = [_mass(s, m, thr)]  # finest first
+    while levels[-1].shape[1] > _FANOUT:
+        n = -(-levels[-1].shape[1] // _FANOUT)
+        levels[-1] = jnp.pad(levels[-1], ((0, 0), (0, n * _FANOUT - levels[-1].shape[1])))
+        levels.append(jnp.sum(levels[-1].reshape(-1, n, _FANOUT), axis=-1))
+    target = u * jnp.sum(levels[-1], axis=-1)
+    idx = jnp.zeros(s.shape[:1], jnp.int32)
+    for w in reversed(levels):
+        width = min(_FANOUT, w.shape[1])
+        chunk = jnp.take_along_axis(w, _col(idx * width) + jnp.arange(width)[None], axis=-1)
+        cdf = _cdf(chunk)  # [B, width]
+        j = _pick(cdf, target, chunk)
+        target = target - jnp.where(j > 0, _take(cdf, jnp.maximum(j - 1, 0)), 0.0)
+        idx = idx * width + j
+    return idx
 
 
 def _when(pred: Array, fn, otherwise: Array) -> Array:
-    """fn() if pred else `otherwise`: skips a pass over V that no row of this batch needs.
-    Callers only read fn's rows where pred's own row condition holds, so no row's result
-    depends on which branch ran."""
+    """fn() if pred else `otherwise`, to skip a pass over V that no row needs. Callers read
+    fn's value only in rows whose own condition makes pred true, so no row depends on this."""
     return lax.cond(pred, fn, lambda: otherwise)
-
-
-def _mass(s: Array, m: Array, thr: Array) -> Array:
-    """Unnormalised weights exp(s - max) of the tokens at or above thr. s [..., n], m/thr [B]."""
-    return jnp.where(s >= _col(thr), jnp.exp(s - _col(m)), 0.0)
 
 
 def sample(
@@ -179,13 +203,14 @@ def sample(
 
     Row b draws with `fold_in(key(params.seed[b]), step[b])`, where step[b] is the index (or
     absolute position) of the token being generated for that request, so its token depends
-    only on its own logits, parameters, seed and step. Greedy rows (temperature 0) take the
-    argmax, ties to the lowest index. Assumes every row has at least one finite logit.
+    only on its own logits, parameters, seed and step. Greedy rows (temperature 0, or below
+    1e-5) take the argmax, ties to the lowest index. Every row needs one finite logit.
 
     Returns int32 token ids [B].
     """
     logits = logits.astype(jnp.float32)
-    greedy = params.temperature <= 0
+    params = SamplingArrays(*(jnp.asarray(x) for x in params))  # host arrays work eagerly too
+    greedy = params.temperature < _MIN_TEMPERATURE
     return lax.cond(
         jnp.all(greedy),
         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
@@ -198,39 +223,43 @@ def _sample_rows(logits: Array, params: SamplingArrays, step: Array, greedy: Arr
     vocab = logits.shape[-1]
     c = min(_NUM_CANDIDATES, vocab)
     temp = _col(jnp.where(greedy, 1.0, params.temperature))
-    top, top_idx = lax.top_k(logits, c)
-    # Dividing by T > 0 keeps the order, so these are the C largest scaled logits, descending.
-    cand = top / temp  # [B, C]
-    m = cand[:, 0]
+    # Dividing by T > 0 keeps the order, so these are the largest scaled logits, descending.
+    top, top_idx = lax.top_k(logits, min(c + 1, vocab))
+    top = top / temp  # [B, W], W = C + 1 (or V)
+    # The first C are the candidates; the (C+1)-th bounds every token outside them. Masks and
+    # reductions rather than slices: XLA turns top_k into a sort and one slice, and finds its
+    # fast top-k kernel again only if no other slice of that sort remains (a sort is ~50x slower).
+    is_cand = lax.broadcasted_iota(jnp.int32, top.shape, 1) < c
+    m = jnp.max(top, axis=-1)
+    floor = jnp.max(jnp.where(is_cand, -jnp.inf, top), axis=-1)
     s = logits / temp  # [B, V]; XLA fuses this into each pass that reads it.
-    floor = cand[:, -1]
 
     k, top_p = params.top_k, params.top_p
     k_on = (k > 0) & (k < vocab)
     p_on = top_p < 1
-    thr_k = jnp.where(k_on & (k <= c), _take(cand, jnp.clip(k - 1, 0, c - 1)), -jnp.inf)
+    thr_k = jnp.where(k_on & (k <= c), _take(top, jnp.clip(k - 1, 0, c - 1)), -jnp.inf)
     # Top-p is measured against the mass that survives top-k: a sum over the candidates when
     # top-k keeps only candidates, else over all of V.
     k_inside = k_on & (k <= c) & (thr_k > floor)
-    w = _mass(cand, m, thr_k)
+    w = jnp.where(is_cand, _mass(top, m, thr_k), 0.0)
     full_total = _when(
         jnp.any(~greedy & p_on & ~k_inside),
         lambda: jnp.sum(_mass(s, m, thr_k), axis=-1),
         jnp.zeros_like(m),
     )
     total = jnp.where(k_inside, jnp.sum(w, axis=-1), full_total)
-    cdf = jnp.cumsum(w, axis=-1)  # [B, C]
-    n_below = jnp.sum(cdf < _col(top_p * total), axis=-1)
-    thr_p = jnp.where(p_on & (n_below < c), _take(cand, jnp.minimum(n_below, c - 1)), -jnp.inf)
+    cdf = _cdf(w)  # [B, W]
+    n_below = jnp.sum(is_cand & (cdf < _col(top_p * total)), axis=-1)
+    thr_p = jnp.where(p_on & (n_below < c), _take(top, jnp.minimum(n_below, c - 1)), -jnp.inf)
     # p < min_p * p_max  <=>  s < max(s) + log(min_p); log(0) = -inf switches it off.
     thr_min = m + jnp.log(params.min_p)
     thr = jnp.maximum(jnp.maximum(thr_k, thr_p), thr_min)
 
-    # The kept set lies inside the candidates when the threshold is above the smallest one,
-    # or when everything outside them is -inf (masked tokens) and so weighs nothing.
-    within = (thr > floor) | (floor == -jnp.inf) | (c == vocab)
-    # thr is exact unless top-k reaches past C, or the nucleus does and nothing else cuts
-    # inside the candidates (an unresolved top-p threshold is then <= floor).
+    # The kept set lies inside the candidates when the threshold is above every token outside
+    # them, or when those are all -inf (masked, or none) and so weigh nothing.
+    within = (thr > floor) | (floor == -jnp.inf)
+    # thr is exact unless top-k reaches past C, or the nucleus does and something else cuts
+    # inside the candidates (an unresolved top-k or top-p threshold is <= floor).
     known = (~k_on | (k <= c)) & (~p_on | (n_below < c) | within)
     from_cand = greedy | (known & within)
 
@@ -239,8 +268,9 @@ def _sample_rows(logits: Array, params: SamplingArrays, step: Array, greedy: Arr
 
     u = jax.vmap(lambda w, i: jax.random.uniform(row_key(w, i), (), jnp.float32))(params.seed, step)
     # The kept candidates are a prefix of the sorted ones, and there the top-k cdf is theirs.
-    kept_mass = _take(cdf, jnp.sum(cand >= _col(thr), axis=-1) - 1)
-    cand_tokens = _take(top_idx, _pick(cdf, u * kept_mass, _mass(cand, m, thr)))
+    kept_mass = _take(cdf, jnp.sum(is_cand & (top >= _col(thr)), axis=-1) - 1)
+    kept = jnp.where(is_cand, _mass(top, m, thr), 0.0)
+    cand_tokens = _take(top_idx, _pick(cdf, u * kept_mass, kept))
 
     def full_vocab():
         lost = ~greedy & ~known
@@ -274,5 +304,6 @@ def _exact_thresholds(
     def nucleus():
         return _radix_select(s, lambda keep: jnp.sum(jnp.where(keep, w, 0.0), axis=-1) >= target)
 
-    thr_p = jnp.where(p_on, _when(jnp.any(lost & p_on), nucleus, thr_min), -jnp.inf)
+    unused = jnp.full_like(m, -jnp.inf)
+    thr_p = jnp.where(p_on, _when(jnp.any(lost & p_on), nucleus, unused), -jnp.inf)
     return jnp.maximum(jnp.maximum(thr_k, thr_p), thr_min)

@@ -19,4 +19,4 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # project's packages: a dimension that disagrees between arguments fails the call.
 from jaxtyping import install_import_hook  # noqa: E402
 
-install_import_hook(["jaxllm", "sharding", "serve"], "beartype.beartype")
+install_import_hook(["jaxllm", "sharding", "serve"], "typecheck.typechecker")

@@ -7,6 +7,7 @@ from the whole vocabulary after an exact radix select.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,20 +23,34 @@ N_DRAWS = 20_000
 P = SamplingParams
 
 
-@jax.jit
-def _draws_jit(logits, params, steps):
-    return jax.lax.map(lambda st: sample(logits, params, st), steps, batch_size=2000)
+@functools.cache
+def _compiled_draws():
+    """The sampler drawing N_DRAWS times per row, compiled once for the whole file."""
+
+    def many(logits, params, steps):
+        return jax.lax.map(lambda st: sample(logits, params, st), steps, batch_size=2000)
+
+    args = (
+        jax.ShapeDtypeStruct((B, V), jnp.float32),
+        SamplingArrays.neutral(B),
+        jax.ShapeDtypeStruct((N_DRAWS, B), jnp.int32),
+    )
+    return jax.jit(many).lower(*args).compile()
 
 
 def draws(logits, params, seeds=None):
-    """Tokens [N_DRAWS, B]: row b drawn N_DRAWS times from logits[b] (steps 0, 1, ...).
-
-    Every test uses these shapes, so the sampler compiles once for the whole file.
-    """
+    """Tokens [N_DRAWS, B]: row b drawn N_DRAWS times from logits[b] (steps 0, 1, ...)."""
     assert len(params) == B
-    arrays = SamplingArrays.from_params(params, range(B) if seeds is None else seeds)
+    seeds = range(B) if seeds is None else [int(s) for s in seeds]
+    arrays = SamplingArrays.from_params(params, seeds)
     steps = jnp.broadcast_to(jnp.arange(N_DRAWS, dtype=jnp.int32)[:, None], (N_DRAWS, B))
-    return np.asarray(_draws_jit(jnp.asarray(logits, jnp.float32), arrays, steps))
+    return np.asarray(_compiled_draws()(jnp.asarray(logits, jnp.float32), arrays, steps))
+
+
+def test_compiled_sampler_keeps_fast_top_k():
+    # XLA turns lax.top_k into a sort plus a slice and matches that back to its top-k kernel
+    # only in some shapes of graph; a full sort of V is ~50x slower on CPU.
+    assert " sort(" not in _compiled_draws().as_text()
 
 
 def _random_logits(seed, batch, vocab=V, scale=1.5):
@@ -80,7 +95,7 @@ MIXED = [
     P(temperature=0.7, top_k=10),  # candidates
     P(temperature=1.0, top_p=0.9),  # nucleus wider than the candidates: radix select
     P(temperature=0.8, top_k=100, top_p=0.8),  # top-k past the candidates: radix select
-    P(temperature=1.5, min_p=0.2),
+    P(temperature=1.5, min_p=0.2),  # candidates
     P(temperature=1.2, top_k=20, top_p=0.6),  # candidates
     P(temperature=0.5, top_k=150),  # radix select for the k-th value only
     P(temperature=0.0),  # greedy
@@ -136,15 +151,18 @@ def test_top_p_and_min_p_keep_exactly_their_sets():
 
 
 def test_candidate_only_batch_matches_reference():
-    params = [P(temperature=0.9, top_k=30), P(top_p=0.5), P(temperature=2.0, top_k=64)]
-    params += [P(temperature=0.0), P(temperature=0.6, min_p=0.5)] + [P(top_k=5)] * 3
+    """Every kept set fits in the candidates (top_k = C exactly included), so the batch is
+    drawn without any pass over the whole vocabulary after top-k."""
+    params = [P(temperature=0.9, top_k=30), P(temperature=1.5, top_p=0.8)]
+    params += [P(temperature=2.0, top_k=sampling._NUM_CANDIDATES), P(temperature=0.0)]
+    params += [P(min_p=0.05)] + [P(top_k=5)] * 3
     logits = _random_logits(1, B, scale=3.0)
     tokens = draws(logits, params)
     for b, p in enumerate(params):
-        assert_drawn_from(
-            tokens[:, b],
-            reference_probs(logits[b], p) if p.temperature else np.eye(V)[np.argmax(logits[b])],
-        )
+        if p.temperature == 0:
+            assert (tokens[:, b] == np.argmax(logits[b])).all()
+        else:
+            assert_drawn_from(tokens[:, b], reference_probs(logits[b], p))
 
 
 def test_greedy_is_argmax_with_ties_to_lowest_index():
@@ -231,6 +249,7 @@ def test_params_accepts_lists_and_stays_hashable():
     p = P(stop=["\n\n", "END"], stop_token_ids=[2, 3])
     assert p.stop == ("\n\n", "END") and p.stop_token_ids == (2, 3)
     assert hash(p) == hash(P(stop=("\n\n", "END"), stop_token_ids=(2, 3)))
+    assert P(stop="END").stop == ("END",)  # one string is one stop string, not its letters
 
 
 @pytest.mark.parametrize(
@@ -263,3 +282,7 @@ def test_empty_stop_string_is_rejected():
 def test_candidate_count_is_below_test_vocab():
     # The tests above only reach the whole-vocabulary paths if V exceeds the candidate count.
     assert sampling._NUM_CANDIDATES < V / 2
+
+
+def test_params_accept_ints_for_floats():
+    assert P(temperature=0, top_p=1, min_p=0).temperature == 0  # the usual way to ask for greedy
