@@ -1,14 +1,13 @@
 """The notebook API: ``LLM.load`` a model, then ``generate``, ``stream``, ``logits``.
 
-This front end runs one sequence at a time through the jitted prefill/decode steps with
-on-device sampling; the continuous-batching engine takes its place for many prompts.
+Every generation goes through the continuous-batching engine (``jaxllm.engine``), the same
+one the server uses; ``logits`` runs a plain forward pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,11 +19,11 @@ from tqdm.auto import tqdm
 
 from jaxllm import demo, padding
 from jaxllm.config import ModelConfig
+from jaxllm.engine import Engine, EngineConfig
 from jaxllm.hf_checkpoint import load_hf_state
 from jaxllm.params import ModelSpec
-from jaxllm.request_output import RequestOutput
 from jaxllm.runtime import ModelRunner
-from jaxllm.sampling import SamplingArrays, SamplingParams
+from jaxllm.sampling import SamplingParams
 from jaxllm.tokenizer import Tokenizer
 from sharding import ShardingRules, get_rules, make_mesh
 
@@ -47,13 +46,12 @@ def default_dtype():
 
 
 class LLM:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, max_seq_len: int, name: str):
-        self.runner = runner
-        self.tokenizer = tokenizer
+    def __init__(self, engine: Engine, name: str):
+        self.engine = engine
+        self.runner = engine.runner
+        self.tokenizer = engine.tokenizer
         self.name = name
-        self.max_seq_len = max_seq_len
-        self.buckets = padding.prefill_buckets(max_seq_len)
-        self._cache = runner.new_cache(1, max_seq_len)
+        self._scoring_caches: dict[int, object] = {}  # bucket -> reusable [1, bucket] cache
 
     @classmethod
     def load(
@@ -63,11 +61,15 @@ class LLM:
         mesh: Mesh | dict[str, int] | str | None = None,
         dtype=None,
         rules: ShardingRules | str | None = None,
-        max_seq_len: int | None = None,
         seed: int = 0,
+        warm_up: bool = True,
+        **engine_options,
     ) -> LLM:
         """Loads a Hugging Face folder (config.json + *.safetensors + tokenizer), or with
-        ``path=None`` the embedded demo model, sharded over ``mesh`` by ``rules``."""
+        ``path=None`` the embedded demo model, sharded over ``mesh`` by ``rules``, and starts
+        its engine. ``engine_options`` are ``EngineConfig`` fields (``max_slots``,
+        ``max_seq_len``, ``max_prompt_len``, ...); every shape is compiled before this
+        returns unless ``warm_up=False``."""
         mesh = make_mesh(mesh)
         dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
         if path is None:
@@ -86,8 +88,29 @@ class LLM:
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}") as bar:
                 graphdef, state = load_hf_state(path, spec, lambda _, n: bar.update(n))
             name = path.name
-        max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
-        return cls(ModelRunner(spec, graphdef, state), tokenizer, max_seq_len, name)
+        engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))
+        engine_config = EngineConfig(**engine_options)
+        if engine_config.max_seq_len > config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len {engine_config.max_seq_len} exceeds the model's "
+                f"max_position_embeddings ({config.max_position_embeddings})"
+            )
+        engine = Engine(ModelRunner(spec, graphdef, state), tokenizer, engine_config)
+        return cls(engine.start(warm_up=warm_up), name)
+
+    def close(self) -> None:
+        """Stops the engine's threads (also done at interpreter exit)."""
+        self.engine.stop()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.config.max_seq_len
 
     @property
     def config(self) -> ModelConfig:
@@ -102,31 +125,38 @@ class LLM:
     def generate(
         self, prompts: Prompt | Sequence[Prompt], **sampling
     ) -> Completion | list[Completion]:
-        """Completes one prompt (text or token ids) or a list of them.
+        """Completes one prompt (text or token ids) or a list of them. A list goes through
+        the continuous-batching engine together; every prompt is checked before any runs.
 
         Keyword arguments are ``SamplingParams`` fields: ``max_tokens``, ``temperature``
         (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``stop_token_ids``,
         ``ignore_eos``.
         """
         params = SamplingParams(**sampling)
-        if _is_single(prompts):
-            return self._complete(prompts, params)
-        return [self._complete(p, params) for p in prompts]
+        single = _is_single(prompts)
+        all_ids = [self._prompt_ids(p) for p in ([prompts] if single else prompts)]
+        for ids in all_ids:
+            self.engine.check(ids, params)
+        requests = [self.engine.submit(ids, params) for ids in all_ids]
+        try:
+            outs = [r.wait() for r in requests]
+        finally:
+            for r in requests:
+                r.cancel()  # no-op for finished ones; frees slots on KeyboardInterrupt
+        done = [
+            Completion(o.text, o.token_ids, o.finish_reason, ids)
+            for o, ids in zip(outs, all_ids, strict=True)
+        ]
+        return done[0] if single else done
 
     def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:
-        """Yields text pieces as they are decoded (never half a UTF-8 character)."""
-        params = SamplingParams(**sampling)
-        for piece in self._run(self._prompt_ids(prompt), params, RequestOutputSink()):
-            if piece:
-                yield piece
-
-    def _complete(self, prompt: Prompt, params: SamplingParams) -> Completion:
-        prompt_ids = self._prompt_ids(prompt)
-        sink = RequestOutputSink()
-        for _ in self._run(prompt_ids, params, sink):
-            pass
-        out = sink.output
-        return Completion(out.text, out.token_ids, out.finish_reason, prompt_ids)
+        """Yields text pieces as they are decoded (never half a UTF-8 character). Closing
+        the iterator early cancels the request and frees its slot."""
+        request = self.engine.submit(self._prompt_ids(prompt), SamplingParams(**sampling))
+        try:
+            yield from request
+        finally:
+            request.cancel()
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str) and not prompt:
@@ -139,53 +169,6 @@ class LLM:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         return ids
 
-    def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
-        if prompt_len >= self.max_seq_len:
-            raise ValueError(
-                f"prompt has {prompt_len} tokens; this model's context is {self.max_seq_len} "
-                "tokens and prompts are never truncated"
-            )
-        if prompt_len + max_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the "
-                f"context of {self.max_seq_len} tokens; lower max_tokens to at most "
-                f"{self.max_seq_len - prompt_len}"
-            )
-
-    def _run(self, prompt_ids: list[int], params: SamplingParams, sink) -> Iterator[str]:
-        self._check_fits(len(prompt_ids), params.max_tokens)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        sampling = SamplingArrays.from_params([params], [seed])
-        out = RequestOutput(self.tokenizer, params, prompt_ids)
-        sink.output = out
-        runner, n = self.runner, len(prompt_ids)
-        bucket = padding.bucket_for(n, self.buckets)
-        tokens = padding.pad_to(prompt_ids, bucket)[None]
-        token, self._cache = runner.prefill(
-            runner.params,
-            tokens,
-            np.array([n], np.int32),
-            self._cache,
-            sampling,
-            np.zeros((1,), np.int32),
-        )
-        for i in range(params.max_tokens):
-            current = token
-            if i + 1 < params.max_tokens:
-                # Queue the next step before reading this token, so the device stays busy
-                # while the host detokenizes; at most one step is wasted at a stop.
-                token, self._cache = runner.decode(
-                    runner.params,
-                    current,
-                    np.array([n + i], np.int32),
-                    self._cache,
-                    sampling,
-                    np.array([i + 1], np.int32),
-                )
-            yield out.add(int(current[0]))
-            if out.finished:
-                return
-
     # -- scoring ------------------------------------------------------------------------
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -193,19 +176,14 @@ class LLM:
         ids = self._prompt_ids(list(token_ids))
         if len(ids) > self.max_seq_len:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_seq_len}")
-        bucket = padding.bucket_for(len(ids), self.buckets)
+        bucket = padding.bucket_for(len(ids), padding.prefill_buckets(self.max_seq_len))
         tokens = padding.pad_to(ids, bucket)[None]
         positions = np.arange(bucket, dtype=np.int32)[None]
-        logits, self._cache = self.runner.forward(
-            self.runner.params, tokens, positions, self._cache
+        cache = self._scoring_caches.pop(bucket, None) or self.runner.new_cache(1, bucket)
+        logits, self._scoring_caches[bucket] = self.runner.forward(
+            self.runner.params, tokens, positions, cache
         )
         return np.asarray(logits[0, : len(ids)], np.float32)
-
-
-class RequestOutputSink:
-    """Receives the RequestOutput a run creates, so callers can read it after streaming."""
-
-    output: RequestOutput
 
 
 def _is_single(prompts) -> bool:

@@ -7,8 +7,6 @@ module at trace time only. The cache argument is donated, so XLA updates it in p
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,7 +14,6 @@ from jaxtyping import Array, Float, Int
 
 from jaxllm.kv_cache import KVCache
 from jaxllm.params import ModelSpec
-from jaxllm.sampling import SamplingArrays, sample
 
 
 class ModelRunner:
@@ -27,8 +24,6 @@ class ModelRunner:
         self.params, self._treedef = jax.tree.flatten(state)
         self.forward = jax.jit(self._forward, donate_argnames="cache")
         self.forward_at = jax.jit(self._forward_at, donate_argnames="cache")
-        self.prefill = jax.jit(self._prefill, donate_argnames="cache")
-        self.decode = jax.jit(self._decode, donate_argnames="cache")
 
     @property
     def state(self) -> nnx.State:
@@ -60,32 +55,15 @@ class ModelRunner:
         picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
         return model.logits(picked)[:, 0], cache
 
-    @functools.cache  # noqa: B019 - one runner per model, caches are per (batch, length)
-    def _cache_factory(self, batch: int, max_len: int):
-        cfg = self.config
-        return functools.partial(
-            KVCache.create,
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg, spec = self.config, self.spec
+        return KVCache.create(
             cfg.num_layers,
             batch,
             max_len,
             cfg.num_kv_heads,
             cfg.head_dim,
-            self.spec.dtype,
-            self.spec.mesh,
-            self.spec.rules,
+            spec.dtype,
+            spec.mesh,
+            spec.rules,
         )
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return self._cache_factory(batch, max_len)()
-
-    def _prefill(self, params, tokens, lengths, cache, sampling: SamplingArrays, step):
-        """Prompt rows padded to one bucket length -> first sampled token of each row."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, cache = self._forward_at(params, tokens, positions, cache, lengths - 1)
-        return sample(logits, sampling, step), cache
-
-    def _decode(self, params, tokens, positions, cache, sampling: SamplingArrays, step):
-        """One token per row at its own position -> the next sampled token of each row."""
-        last = jnp.zeros(tokens.shape, jnp.int32)
-        logits, cache = self._forward_at(params, tokens[:, None], positions[:, None], cache, last)
-        return sample(logits, sampling, step), cache

@@ -80,7 +80,7 @@ def test_a_list_of_prompts_gives_a_list_of_completions(llm):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt="x" * 200), "context is 128 tokens"),
+        (dict(prompt="x" * 200), "201 tokens, more than the maximum of 127"),
         (dict(prompt="x" * 100, max_tokens=50), "lower max_tokens to at most 27"),
         (dict(prompt=""), "prompt is empty"),
         (dict(prompt=[5, 999]), r"token ids must be in \[0, 320\)"),

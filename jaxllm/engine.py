@@ -1,0 +1,394 @@
+"""The continuous-batching engine: many requests share one model through fixed decode slots.
+
+One request's way through:
+  ``submit`` (validate, queue) -> engine thread: a free slot -> ``prefill_insert`` (prompt
+  padded to its bucket, one jitted call that also writes the prompt's keys/values into the
+  slot and samples the first token) -> ``generate`` (one jitted decode step over every slot,
+  cache donated, sampling on device) -> the step's tokens, one packed ``[steps, B]`` array,
+  start copying to the host -> detokenizer thread: ``RequestOutput`` applies stop tokens,
+  stop strings and max_tokens and pushes text to the request's stream -> a finished or
+  cancelled request's slot is freed at the engine's next iteration.
+
+The engine thread never waits for tokens: it dispatches the next step while the detokenizer
+reads the previous one. A bounded hand-off queue keeps it at most a few steps ahead, so
+finished requests are noticed quickly.
+
+Every shape the device sees is fixed at start-up (slots, cache length, prefill buckets), and
+``warm_up`` compiles all of them, so serving compiles nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+from jaxllm import padding
+from jaxllm.kv_cache import KVCache
+from jaxllm.request_output import RequestOutput
+from jaxllm.runtime import ModelRunner
+from jaxllm.sampling import SamplingArrays, SamplingParams, sample
+from jaxllm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_slots: int = 8  # B: requests decoded together
+    max_seq_len: int = 1024  # S: prompt + output tokens per request
+    max_prompt_len: int | None = None  # longest prompt; default max_seq_len - 1
+    min_bucket: int = padding.MIN_BUCKET
+    steps_per_call: int = 1  # decode steps per jitted generate call
+    max_in_flight: int = 2  # generate calls dispatched ahead of the detokenizer
+
+    def __post_init__(self):
+        if self.max_slots < 1 or self.max_seq_len < 2 or self.steps_per_call < 1:
+            raise ValueError(f"invalid engine config {self}")
+        if not 1 <= self.prompt_limit < self.max_seq_len:
+            raise ValueError("max_prompt_len must be in [1, max_seq_len)")
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_len or self.max_seq_len - 1
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        return padding.prefill_buckets(self.prompt_limit, self.min_bucket)
+
+
+class DecodeState(NamedTuple):
+    """Everything the decode step reads and writes, one row per slot; lives on the device."""
+
+    cache: KVCache
+    tokens: Int[Array, " B"]  # each slot's latest token, the next step's input
+    positions: Int[Array, " B"]  # the position that token takes
+    steps: Int[Array, " B"]  # index of the next generated token (seeds the sampler)
+    sampling: SamplingArrays
+
+
+class Request:
+    """A submitted request: iterate it for text pieces; ``cancel()`` frees its slot."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], output: RequestOutput, seed: int):
+        self.id = request_id
+        self.prompt_ids = prompt_ids
+        self.output = output
+        self.seed = seed
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.cancelled = False
+        self._pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stops the request; its slot is freed at the engine's next step."""
+        if not self.done:
+            self.cancelled = True
+            self._finish("cancelled")
+
+    def wait(self, timeout: float | None = None) -> RequestOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still running after {timeout} s")
+        if self.error is not None:
+            raise RuntimeError(f"request {self.id} failed: {self.error}") from self.error
+        return self.output
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces as they are decoded; ends when the request finishes."""
+        while (piece := self._pieces.get()) is not None:
+            yield piece
+        if self.error is not None:
+            raise RuntimeError(f"request {self.id} failed: {self.error}") from self.error
+
+    # -- called by the engine's threads -------------------------------------------------
+
+    def _push(self, token: int) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        piece = self.output.add(token)
+        if piece:
+            self._pieces.put(piece)
+        if self.output.finished:
+            self._finish(self.output.finish_reason)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return
+        if self.output.finish_reason is None:
+            self.output.finish_reason = reason
+        self.error = error
+        self.finished_at = time.perf_counter()
+        self._done.set()
+        self._pieces.put(None)
+
+
+class _Handoff(NamedTuple):
+    """Tokens of one device call and, per row, the request they belong to."""
+
+    tokens: jax.Array  # [steps, rows]
+    owners: Sequence[tuple[int, Request]]  # (row, request)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig):
+        self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        self._prefill_insert = jax.jit(self._prefill_insert_impl, donate_argnames="state")
+        self._start_slot = jax.jit(self._start_slot_impl, donate_argnames="state")
+        self._generate = jax.jit(self._generate_impl, donate_argnames="state")
+        self._state = self._initial_state()
+        self._slots: list[Request | None] = [None] * config.max_slots
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._handoff: queue.Queue[_Handoff | None] = queue.Queue(config.max_in_flight)
+        self._ids = itertools.count()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self.failure: BaseException | None = None
+
+    # -- public API -------------------------------------------------------------------
+
+    def start(self, warm_up: bool = True) -> Engine:
+        if warm_up:
+            self.warm_up()
+        self._threads = [
+            threading.Thread(target=self._engine_loop, name="jaxllm-engine", daemon=True),
+            threading.Thread(target=self._detokenize_loop, name="jaxllm-detok", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> Request:
+        """Queues a request; raises ValueError at once for input that cannot be served."""
+        prompt_ids = self.check(prompt_ids, params)
+        if self.failure is not None:
+            raise RuntimeError(f"engine failed: {self.failure}")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        output = RequestOutput(self.tokenizer, params, prompt_ids)
+        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, output, seed)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify_all()
+        return request
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        ids = [int(t) for t in prompt_ids]
+        limit, context = self.config.prompt_limit, self.config.max_seq_len
+        vocab = self.runner.config.vocab_size
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) > limit:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than the maximum of {limit}; "
+                "prompts are never truncated"
+            )
+        if not all(0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) + params.max_tokens > context:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context of {context} tokens; lower max_tokens to at most {context - len(ids)}"
+            )
+        return ids
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def warm_up(self) -> None:
+        """Compiles every prefill bucket, the slot start and the decode step by running each
+        once (on slot 0, which is reset afterwards)."""
+        start = time.perf_counter()
+        for bucket in self.config.buckets:
+            tokens = np.zeros((1, bucket), np.int32)
+            self._state, logits = self._prefill_insert(
+                self.runner.params, self._state, tokens, np.int32(1), np.int32(0)
+            )
+        self._state, first = self._start_slot(
+            self._state, logits, np.int32(1), np.int32(0), SamplingArrays.neutral(1)
+        )
+        self._state, tokens = self._generate(self.runner.params, self._state)
+        np.asarray(first), np.asarray(tokens)
+        self._state = self._initial_state()
+        log.info(
+            "warm-up compiled %d prefill buckets and the decode step in %.1f s",
+            len(self.config.buckets),
+            time.perf_counter() - start,
+        )
+
+    # -- device steps (pure, jitted) ----------------------------------------------------
+
+    def _initial_state(self) -> DecodeState:
+        B = self.config.max_slots
+        zeros = np.zeros((B,), np.int32)
+        return DecodeState(
+            cache=self.runner.new_cache(B, self.config.max_seq_len),
+            tokens=zeros,
+            positions=zeros,
+            steps=zeros,
+            sampling=SamplingArrays.neutral(B),
+        )
+
+    def _prefill_insert_impl(self, params, state: DecodeState, tokens, length, slot):
+        """Runs one padded prompt ``[1, bucket]`` and writes its keys/values into ``slot``;
+        returns the logits ``[1, V]`` that predict the first output token."""
+        cfg = self.runner.config
+        bucket = tokens.shape[1]
+        shape = (1, bucket, cfg.num_kv_heads, cfg.head_dim)
+        empty = tuple(jnp.zeros(shape, state.cache.keys[0].dtype) for _ in range(cfg.num_layers))
+        positions = jnp.arange(bucket)[None]
+        logits, local = self.runner._forward_at(
+            params, tokens, positions, KVCache(empty, empty), jnp.reshape(length - 1, (1,))
+        )
+        at = (slot, 0, 0, 0)
+
+        def insert(cache, new):
+            return tuple(
+                jax.lax.dynamic_update_slice(c, n, at) for c, n in zip(cache, new, strict=True)
+            )
+
+        cache = KVCache(
+            insert(state.cache.keys, local.keys), insert(state.cache.values, local.values)
+        )
+        return state._replace(cache=cache), logits
+
+    def _start_slot_impl(self, state: DecodeState, logits, length, slot, sampling):
+        """Samples a prefilled request's first token and arms its slot for decoding.
+
+        Kept apart from the per-bucket prefill so the sampler compiles once, not per bucket.
+        """
+        first = sample(logits, sampling, jnp.zeros((1,), jnp.int32))
+        state = DecodeState(
+            cache=state.cache,
+            tokens=state.tokens.at[slot].set(first[0]),
+            positions=state.positions.at[slot].set(length),
+            steps=state.steps.at[slot].set(1),
+            sampling=jax.tree.map(lambda a, r: a.at[slot].set(r[0]), state.sampling, sampling),
+        )
+        return state, first
+
+    def _generate_impl(self, params, state: DecodeState):
+        """``steps_per_call`` decode steps over every slot -> new state, tokens ``[n, B]``."""
+
+        def step(state: DecodeState, _):
+            last = jnp.zeros_like(state.tokens)
+            logits, cache = self.runner._forward_at(
+                params, state.tokens[:, None], state.positions[:, None], state.cache, last
+            )
+            tokens = sample(logits, state.sampling, state.steps)
+            new = DecodeState(cache, tokens, state.positions + 1, state.steps + 1, state.sampling)
+            return new, tokens
+
+        return jax.lax.scan(step, state, None, length=self.config.steps_per_call)
+
+    # -- host loops ---------------------------------------------------------------------
+
+    def _engine_loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    self._free_finished_slots()
+                    while not self._stopping and not self._waiting and not any(self._slots):
+                        self._wake.wait(0.05)
+                        self._free_finished_slots()
+                    if self._stopping:
+                        break
+                    admitted = self._take_admissions()
+                for slot, request in admitted:
+                    self._insert(slot, request)
+                owners = [(row, r) for row, r in enumerate(self._slots) if r is not None]
+                if owners:
+                    self._state, tokens = self._generate(self.runner.params, self._state)
+                    tokens.copy_to_host_async()
+                    self._handoff.put(_Handoff(tokens, owners))
+        except BaseException as e:  # a device or compiler failure: fail requests, never hang
+            log.exception("engine loop failed")
+            self._fail(e)
+        finally:
+            self._handoff.put(None)
+
+    def _take_admissions(self) -> list[tuple[int, Request]]:
+        admitted = []
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        while free and self._waiting:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                continue
+            slot = free.pop(0)
+            self._slots[slot] = request
+            admitted.append((slot, request))
+        return admitted
+
+    def _insert(self, slot: int, request: Request) -> None:
+        n = len(request.prompt_ids)
+        bucket = padding.bucket_for(n, self.config.buckets)
+        tokens = padding.pad_to(request.prompt_ids, bucket)[None]
+        sampling = SamplingArrays.from_params([request.output.params], [request.seed])
+        self._state, logits = self._prefill_insert(
+            self.runner.params, self._state, tokens, np.int32(n), np.int32(slot)
+        )
+        self._state, first = self._start_slot(
+            self._state, logits, np.int32(n), np.int32(slot), sampling
+        )
+        first.copy_to_host_async()
+        self._handoff.put(_Handoff(first[None], [(0, request)]))
+
+    def _free_finished_slots(self) -> None:
+        for slot, request in enumerate(self._slots):
+            if request is not None and request.done:
+                self._slots[slot] = None
+
+    def _detokenize_loop(self) -> None:
+        while (item := self._handoff.get()) is not None:
+            try:
+                tokens = np.asarray(item.tokens)
+            except BaseException as e:
+                self._fail(e)
+                continue
+            for row_tokens in tokens:
+                for row, request in item.owners:
+                    if not request.done:
+                        request._push(int(row_tokens[row]))
+            with self._wake:
+                self._wake.notify_all()
+
+    def _fail(self, error: BaseException) -> None:
+        self.failure = error
+        with self._wake:
+            pending = list(self._waiting) + [r for r in self._slots if r is not None]
+            self._waiting.clear()
+        for request in pending:
+            request._finish("error", error)
