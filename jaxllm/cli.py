@@ -22,20 +22,23 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, help="context length of the KV cache")
 
 
-def _load(args):
+def _load(args, warm_up: bool):
     from jaxllm.llm import LLM
 
+    options = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}
     return LLM.load(
         args.model,
         mesh=args.mesh,
         dtype=args.dtype,
         rules=args.rules,
-        max_seq_len=args.max_seq_len,
+        warm_up=warm_up,
+        **options,
     )
 
 
 def _generate(args) -> int:
-    llm = _load(args)
+    # One prompt needs one prefill bucket: compile on demand instead of warming up all.
+    llm = _load(args, warm_up=False)
     sampling = dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -49,14 +52,12 @@ def _generate(args) -> int:
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     start = time.perf_counter()
-    count = 0
     sys.stdout.write(args.prompt if not args.chat else "")
     for piece in llm.stream(prompt, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
-        count += 1
-    elapsed = time.perf_counter() - start
-    print(f"\n[{llm.name}: {elapsed:.2f} s]", file=sys.stderr)
+    print(f"\n[{llm.name}: {time.perf_counter() - start:.2f} s]", file=sys.stderr)
+    llm.close()
     return 0
 
 
@@ -65,7 +66,7 @@ def _info(args) -> int:
 
     from sharding import describe_mesh
 
-    llm = _load(args)
+    llm = _load(args, warm_up=False)
     cfg = llm.config
     info = {
         "model": llm.name,
@@ -79,6 +80,7 @@ def _info(args) -> int:
         "rules": llm.runner.spec.rules.name,
     }
     print(json.dumps(info, indent=2))
+    llm.close()
     return 0
 
 

@@ -144,7 +144,7 @@ class Request:
 class _Handoff(NamedTuple):
     """Tokens of one device call and, per row, the request they belong to."""
 
-    tokens: jax.Array  # [steps, rows]
+    tokens: jax.Array  # [steps, rows], or [rows] for a prefill
     owners: Sequence[tuple[int, Request]]  # (row, request)
 
 
@@ -227,6 +227,18 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Blocks until no request is queued or holds a slot (finished slots are freed)."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._waiting or any(self._slots):
+                self._free_finished_slots()
+                if not (self._waiting or any(self._slots)):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"engine still busy after {timeout} s")
+                self._wake.wait(0.01)
 
     def warm_up(self) -> None:
         """Compiles every prefill bucket, the slot start and the decode step by running each
@@ -364,7 +376,7 @@ class Engine:
             self._state, logits, np.int32(n), np.int32(slot), sampling
         )
         first.copy_to_host_async()
-        self._handoff.put(_Handoff(first[None], [(0, request)]))
+        self._handoff.put(_Handoff(first, [(0, request)]))
 
     def _free_finished_slots(self) -> None:
         for slot, request in enumerate(self._slots):
@@ -375,6 +387,7 @@ class Engine:
         while (item := self._handoff.get()) is not None:
             try:
                 tokens = np.asarray(item.tokens)
+                tokens = tokens.reshape(-1, tokens.shape[-1])  # on the host: no device op
             except BaseException as e:
                 self._fail(e)
                 continue
