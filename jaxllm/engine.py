@@ -184,6 +184,7 @@ class Engine:
         for thread in self._threads:
             thread.join()
         self._threads = []
+        self._fail(RuntimeError("engine stopped"), record=False)
 
     def submit(
         self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -192,6 +193,8 @@ class Engine:
         prompt_ids = self.check(prompt_ids, params)
         if self.failure is not None:
             raise RuntimeError(f"engine failed: {self.failure}")
+        if self._stopping:
+            raise RuntimeError("engine is stopped")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         output = RequestOutput(self.tokenizer, params, prompt_ids)
         request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, output, seed)
@@ -398,8 +401,10 @@ class Engine:
             with self._wake:
                 self._wake.notify_all()
 
-    def _fail(self, error: BaseException) -> None:
-        self.failure = error
+    def _fail(self, error: BaseException, record: bool = True) -> None:
+        """Ends every queued and running request with ``error``; they never hang."""
+        if record:
+            self.failure = error
         with self._wake:
             pending = list(self._waiting) + [r for r in self._slots if r is not None]
             self._waiting.clear()

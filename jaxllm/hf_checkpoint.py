@@ -235,7 +235,9 @@ def load_hf_state(
     def read(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
         stored = layout[name]
         mapped = ckpt.location[stored.name].mmap(stored.name)
-        array = read_into_shards(mapped, stored, target)
+        # Wait for the transfers: device_put is asynchronous and would otherwise keep the
+        # host blocks of several tensors alive when the device falls behind (seen under load).
+        array = read_into_shards(mapped, stored, target).block_until_ready()
         del mapped  # unmap before the next tensor: only one is ever mapped
         if on_tensor is not None:
             on_tensor(name, array.size * array.dtype.itemsize)
