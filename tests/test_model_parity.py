@@ -39,11 +39,10 @@ def test_full_forward_matches_transformers(variant):
     assert np.abs(expected).max() > 0.5  # the comparison is not between near-zero logits
 
 
-def test_cached_decode_token_by_token_matches_transformers(variant):
-    runner, ids, expected = variant
-    cache = runner.new_cache(1, CACHE_LEN)
+def decode_one_by_one(runner, ids, start, cache) -> list[np.ndarray]:
+    """Feeds tokens ``start..`` one at a time at their positions; logits of each step."""
     got = []
-    for t in range(PROMPT_LEN):
+    for t in range(start, ids.shape[1]):
         logits, cache = runner.forward_at(
             runner.params,
             jnp.asarray(ids[:, t : t + 1]),
@@ -52,11 +51,17 @@ def test_cached_decode_token_by_token_matches_transformers(variant):
             jnp.zeros((1,), jnp.int32),
         )
         got.append(np.asarray(logits)[0])
+    return got
+
+
+def test_cached_decode_token_by_token_matches_transformers(variant):
+    runner, ids, expected = variant
+    got = decode_one_by_one(runner, ids, 0, runner.new_cache(1, CACHE_LEN))
     assert np.abs(np.stack(got) - expected).max() <= 1e-4
 
 
 def test_prefill_then_decode_matches_transformers(variant):
-    """A padded prompt prefill followed by single-token steps, as the generator runs them."""
+    """A padded prompt prefill followed by single-token steps, as the engine runs them."""
     runner, ids, expected = variant
     cache = runner.new_cache(1, CACHE_LEN)
     split = 40
@@ -65,14 +70,5 @@ def test_prefill_then_decode_matches_transformers(variant):
     logits, cache = runner.forward_at(
         runner.params, jnp.asarray(padded), jnp.arange(48)[None], cache, jnp.array([split - 1])
     )
-    got = [np.asarray(logits)[0]]
-    for t in range(split, PROMPT_LEN):
-        logits, cache = runner.forward_at(
-            runner.params,
-            jnp.asarray(ids[:, t : t + 1]),
-            jnp.full((1, 1), t),
-            cache,
-            jnp.zeros((1,), jnp.int32),
-        )
-        got.append(np.asarray(logits)[0])
+    got = [np.asarray(logits)[0], *decode_one_by_one(runner, ids, split, cache)]
     assert np.abs(np.stack(got) - expected[split - 1 :]).max() <= 1e-4
