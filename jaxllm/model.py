@@ -57,6 +57,13 @@ class RMSNorm(nnx.Module):
         return self.scale[...][None, None, :] * x32.astype(x.dtype)
 
 
+def _project_heads(x: Float[Array, "B T D"], w: Float[Array, "D N H"]) -> Float[Array, "B T N H"]:
+    """``x @ w`` with the head dims merged, so the weight is read in its stored order."""
+    B, T, _ = x.shape
+    _, N, H = w.shape
+    return jnp.einsum("BTD,DX->BTX", x, w.reshape(w.shape[0], N * H)).reshape(B, T, N, H)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, window: int | None, layout: Layout, dtype, rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -84,9 +91,11 @@ class Attention(nnx.Module):
         cache_k: Float[Array, "B S K H"],
         cache_v: Float[Array, "B S K H"],
     ):
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...])
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...])
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...])
+        q, k, v = (
+            _project_heads(x, self.wq[...]),
+            _project_heads(x, self.wk[...]),
+            _project_heads(x, self.wv[...]),
+        )
         if self.qkv_bias:
             q, k, v = q + self.bq[None, None], k + self.bk[None, None], v + self.bv[None, None]
         q = rope.apply_rotary(q, cos, sin)
@@ -110,7 +119,10 @@ class Attention(nnx.Module):
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, cache_v).reshape(B, T, N, H)
-        out = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...])
+        # [B, T, N*H] @ [N*H, D], merged explicitly: left to einsum, XLA's CPU backend picked
+        # the contraction order (H, N) and transposed all of wo on every decode step.
+        wo = self.wo[...]
+        out = jnp.einsum("BTX,XD->BTD", out.reshape(B, T, N * H), wo.reshape(N * H, -1))
         if self.o_bias:
             out = out + self.bo[None, None]
         return out, cache_k, cache_v
