@@ -1,6 +1,7 @@
 """The ``jaxllm`` command line.
 
     jaxllm generate [--model PATH] [--mesh data=2,tensor=4] [sampling flags] PROMPT
+    jaxllm convert HF_DIR OUT_DIR [--dtype bfloat16]
     jaxllm info [--model PATH] [--mesh ...]
 
 Without ``--model`` the embedded demo model is used.
@@ -61,6 +62,26 @@ def _generate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from jaxllm.orbax_checkpoint import convert_hf_to_orbax
+
+    # Bytes as stored; a --dtype cast changes what is written, not how much is read.
+    total = sum(f.stat().st_size for f in Path(args.hf_dir).glob("*.safetensors"))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting") as bar:
+
+        def progress(name: str, nbytes: int) -> None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(nbytes)
+
+        out = convert_hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, on_tensor=progress)
+    print(f"wrote {out}")
+    return 0
+
+
 def _info(args) -> int:
     import jax.numpy as jnp
 
@@ -100,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.set_defaults(run=_generate)
+
+    convert = commands.add_parser("convert", help="Hugging Face safetensors -> Orbax checkpoint")
+    convert.add_argument("hf_dir")
+    convert.add_argument("out_dir")
+    convert.add_argument("--dtype", help="store as this dtype (default: as in the checkpoint)")
+    convert.set_defaults(run=_convert)
 
     info = commands.add_parser("info", help="describe the loaded model and its layout")
     _add_model_args(info)

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxllm import demo, padding
+from jaxllm import demo, orbax_checkpoint, padding
 from jaxllm.config import ModelConfig
 from jaxllm.engine import Engine, EngineConfig
 from jaxllm.hf_checkpoint import load_hf_state
@@ -65,11 +65,13 @@ class LLM:
         warm_up: bool = True,
         **engine_options,
     ) -> LLM:
-        """Loads a Hugging Face folder (config.json + *.safetensors + tokenizer), or with
-        ``path=None`` the embedded demo model, sharded over ``mesh`` by ``rules``, and starts
-        its engine. ``engine_options`` are ``EngineConfig`` fields (``max_slots``,
-        ``max_seq_len``, ``max_prompt_len``, ...); every shape is compiled before this
-        returns unless ``warm_up=False``."""
+        """Loads a model sharded over ``mesh`` by ``rules`` and starts its engine.
+
+        ``path`` is a Hugging Face folder (config.json + *.safetensors + tokenizer), a jaxllm
+        Orbax checkpoint (``jaxllm convert``), or ``None`` for the embedded demo model.
+        ``engine_options`` are ``EngineConfig`` fields (``max_slots``, ``max_seq_len``,
+        ``max_prompt_len``, ...); every shape is compiled before this returns unless
+        ``warm_up=False``."""
         mesh = make_mesh(mesh)
         dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
         if path is None:
@@ -81,12 +83,19 @@ class LLM:
             path = Path(path)
             if not path.is_dir():
                 raise FileNotFoundError(f"model folder {path} does not exist")
-            config = ModelConfig.from_hf_dir(path)
-            tokenizer = Tokenizer.from_dir(path)
+            orbax = orbax_checkpoint.is_orbax_checkpoint(path)
+            if orbax:
+                config = orbax_checkpoint.read_config(path)
+                tokenizer = Tokenizer.from_dir(orbax_checkpoint.tokenizer_dir(path))
+                loader = orbax_checkpoint.load_orbax_state
+            else:
+                config = ModelConfig.from_hf_dir(path)
+                tokenizer = Tokenizer.from_dir(path)
+                loader = load_hf_state
             spec = ModelSpec(config, dtype, mesh, get_rules(rules))
             total = config.num_params * jnp.dtype(dtype).itemsize
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}") as bar:
-                graphdef, state = load_hf_state(path, spec, lambda _, n: bar.update(n))
+                graphdef, state = loader(path, spec, lambda _, n: bar.update(n))
             name = path.name
         engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))
         engine_config = EngineConfig(**engine_options)
