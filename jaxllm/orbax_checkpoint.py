@@ -206,6 +206,7 @@ def _write(
             save_args = {name: ocp.SaveArgs(chunk_byte_size=_CHUNK_BYTES, shard_axes=heads)}
             args = ocp.args.PyTreeSave({name: value}, save_args=save_args)
             saver.save(folder / "arrays" / name, args=args)
+            del args  # holds the array
             params[name] = {"shape": list(value.shape), "dtype": jnp.dtype(value.dtype).name}
             nbytes = value.nbytes
             sizes[params[name]["dtype"]] += nbytes
@@ -376,8 +377,8 @@ def _root_cause(error: BaseException) -> str:
 def _release_freed_memory() -> None:
     """Hands freed heap memory back to the OS (glibc only). Once a large block has been freed,
     glibc serves later blocks of up to that size (at most 32 MiB) from its heaps instead of
-    fresh mappings, and keeps them when they are freed: without this, Orbax's read buffers,
-    tensor after tensor, kept 26% of a 512 MiB model beyond its arrays after a restore."""
+    fresh mappings, and keeps them when freed. Restoring a 512 MiB model kept 7-10% of it
+    beyond its arrays with this, 10-12% without (and 26% before restores went largest-first)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
