@@ -372,7 +372,7 @@ transformers.LlamaForCausalLM(config).save_pretrained(sys.argv[1])
 """
 
 MEASURE_LOAD = """
-import json, resource, sys
+import json, sys
 import jax, jax.numpy as jnp, numpy as np, psutil
 from jaxllm.config import ModelConfig
 from jaxllm.hf_checkpoint import HFCheckpoint, load_hf_state
@@ -385,10 +385,15 @@ spec = ModelSpec(ModelConfig.from_hf_dir(path), jnp.float32, make_mesh(), DEFAUL
 files = HFCheckpoint(path).files.values()
 sizes = [f.entries[name][3] - f.entries[name][2] for f in files for name in f.entries]
 spec.abstract()  # imports and traces everything loading needs before the baseline
+# The kernel's high-water mark, reset here (ru_maxrss would include the RSS that the pytest
+# parent had when it forked this process).
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 baseline = psutil.Process().memory_info().rss
 _, state = load_hf_state(path, spec)
 jax.block_until_ready(jax.tree.leaves(state))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 print(json.dumps(dict(
     peak_over_baseline=peak - baseline, model_bytes=sum(sizes), largest_tensor=max(sizes),
     loaded_bytes=sum(x.nbytes for x in jax.tree.leaves(state)),
