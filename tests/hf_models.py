@@ -70,3 +70,16 @@ def write(variant: str, path: Path, seed: int = 0, **overrides) -> torch.nn.Modu
 def torch_logits(model: torch.nn.Module, ids) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.as_tensor(ids)).logits.float()
+
+
+# A script for a subprocess (memory tests measure loading in a process of its own):
+# 537 MB (512 MiB) of float32 in 93 tensors; the largest (MLP matrices, embeddings) are 11.5 MB.
+WRITE_BIG_MODEL = """
+import sys, torch, transformers
+config = transformers.LlamaConfig(
+    hidden_size=1024, intermediate_size=2816, vocab_size=2816, num_hidden_layers=10,
+    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
+)
+torch.manual_seed(0)
+transformers.LlamaForCausalLM(config).save_pretrained(sys.argv[1])
+"""

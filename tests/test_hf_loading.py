@@ -360,16 +360,6 @@ def test_bfloat16_checkpoint_into_bfloat16_params_is_bit_exact(llama, tmp_path):
 
 # -- host memory ----------------------------------------------------------------------------
 
-# 537 MB (512 MiB) of float32 in 93 tensors; the largest (MLP matrices, embeddings) are 11.5 MB.
-WRITE_BIG_MODEL = """
-import sys, torch, transformers
-config = transformers.LlamaConfig(
-    hidden_size=1024, intermediate_size=2816, vocab_size=2816, num_hidden_layers=10,
-    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
-)
-torch.manual_seed(0)
-transformers.LlamaForCausalLM(config).save_pretrained(sys.argv[1])
-"""
 
 MEASURE_LOAD = """
 import json, sys
@@ -424,7 +414,7 @@ def test_loading_holds_at_most_a_few_tensors_beyond_the_model_on_the_host(tmp_pa
     """A loader that built the state dict on the host first would peak near twice the
     model (measured by hand: 1025 MiB over baseline for this 512 MiB model, against a bound
     of 695 MiB); tensor-by-tensor loading stays near the model itself."""
-    run_python(WRITE_BIG_MODEL, str(tmp_path))
+    run_python(hf_models.WRITE_BIG_MODEL, str(tmp_path))
     got = json.loads(run_python(MEASURE_LOAD, str(tmp_path)).splitlines()[-1])
     mb = {k: round(v / 2**20, 1) for k, v in got.items()}
     print(f"\nhost memory while loading (MiB): {mb}")

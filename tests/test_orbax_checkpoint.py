@@ -311,16 +311,6 @@ def test_interrupted_conversion_leaves_no_checkpoint(hf_dir, tmp_path):
 
 # -- host memory ----------------------------------------------------------------------------
 
-# 537 MB (512 MiB) of float32 in 93 tensors; the largest (MLP matrices, embeddings) are 11.5 MB.
-WRITE_BIG_MODEL = """
-import sys, torch, transformers
-config = transformers.LlamaConfig(
-    hidden_size=1024, intermediate_size=2816, vocab_size=2816, num_hidden_layers=10,
-    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=256,
-)
-torch.manual_seed(0)
-transformers.LlamaForCausalLM(config).save_pretrained(sys.argv[1])
-"""
 
 # Peak RSS since a reset, from the kernel's high-water mark of this process. (ru_maxrss is no
 # good here: a child process inherits the RSS its parent had when it forked.)
@@ -409,7 +399,7 @@ def test_conversion_and_restore_hold_little_beyond_the_model(hf_dir, converted, 
     arrays. Measured by hand on this model, Orbax's plain restore of the whole tree (one
     StandardCheckpointer checkpoint) held 48-75% of the model beyond its arrays; this restore
     10-13% (scripts/bench_checkpoint.py measures both)."""
-    run_python(WRITE_BIG_MODEL, tmp_path / "hf")
+    run_python(hf_models.WRITE_BIG_MODEL, tmp_path / "hf")
     got = run_python(
         MEASURE_CONVERT, hf_dir, tmp_path / "small", tmp_path / "hf", tmp_path / "ckpt"
     )
