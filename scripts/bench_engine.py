@@ -3,37 +3,43 @@
 
 What one run measures, in order:
 
-1. The machine's physical limits, in the same run: memory read bandwidth (a jitted
-   ``jnp.sum`` and a numpy sum over a large float32 array; a numpy copy for comparison,
-   counted as bytes read + written) and float32 matmul rate (jitted and torch), best of
-   several.
+1. The machine's physical limits, in the same run (at the start and again at the end):
+   memory read bandwidth over a large float32 array (jitted ``jnp.sum`` and matrix-vector
+   product, ``torch.sum``, numpy sum; a numpy copy for comparison, counted as bytes read +
+   written) and float32 matmul rate (jitted and torch), each the best of several calls.
+   The read bandwidth MBU is judged against is the best read kernel of either measurement.
 2. A random Llama model (float32, ~200M parameters by default) written by ``transformers``
    with ``save_pretrained`` plus jaxllm's byte-level tokenizer, so both systems load the
-   same weights.
+   same weights (the greedy outputs are compared as a check).
 3. The jaxllm engine (``jaxllm.LLM.load``, one CPU device, requests through
    ``llm.engine.submit``, greedy, ``ignore_eos``):
    - decode step time at batch 1 (``max_slots=1``, time between first and last token of a
      long output, so prefill is excluded) and MBU = (weight bytes + KV-cache bytes read
-     per step) / step time / measured read bandwidth. The cache is ``[slots, max_seq_len,
-     K, H]`` per layer and decode attention reads every slot's whole row, so that is what
-     is counted;
+     per step) / step time / read bandwidth. The cache is ``[slots, max_seq_len, K, H]``
+     per layer and decode attention reads every slot's whole row, so that is what is
+     counted; the embedding table is not (decode gathers one row of it);
    - output tokens/s at each concurrency (all requests submitted at once, ``max_slots`` =
-     concurrency, a throwaway round first), with TTFT and TPOT percentiles;
+     concurrency, ``max_seq_len`` = prompt + output, a throwaway round first), with TTFT
+     and TPOT percentiles;
    - a profile of where a decode step goes: a bare jitted forward at the engine's shapes,
      the same forward with a short cache (attention over the cache), a matvec over every
      weight (what XLA achieves streaming the weights), the engine's host overhead, and the
-     XLA ops that take the time (from a ``jax.profiler`` trace).
+     XLA ops that take the time (from a ``jax.profiler`` trace); at 32 concurrent, the
+     round split into one-prompt prefills and batched decode steps, each timed bare.
 4. transformers on the same weights (torch float32, one thread per core, greedy
    ``generate`` with ``min_new_tokens = max_new_tokens``): one request at a time (a few
-   requests measured, longer queues extrapolated; the JSON says which), and one batched
-   ``generate`` with left padding per concurrency.
+   requests timed, longer queues extrapolated from their mean; the JSON says which), and
+   one batched ``generate`` of the same prompts, left-padded, per concurrency.
 5. A table on stdout, ``out/bench_engine.json`` (every number, ratios, targets) and
-   ``out/bench_engine.png`` (tokens/s against concurrency).
+   ``out/bench_engine.png`` (tokens/s against concurrency, log axes).
 
-Another process on the machine skews every number; each measurement records how many cores
-other processes kept busy meanwhile (``other_cpu_cores``, from /proc/stat).
+Another process on the machine skews every number, and torch's threads suffer more from a
+busy core than XLA's. So the two systems take turns (engine round, transformers round, ...;
+best of each kept), and every measurement records how many cores other processes kept busy
+meanwhile (``other_cpu_cores``, from /proc/stat): compare ratios only where both are low.
 
-Run from the repository root (about 10-15 minutes; ``--quick`` is a ~2 minute smoke run):
+Run from the repository root (about 10-15 minutes on a quiet 2-core machine; ``--quick`` is
+a ~2 minute smoke run with a small model):
 
     python scripts/bench_engine.py [--quick] [--concurrency 1 8 32 64] [--out out]
 """
@@ -563,7 +569,7 @@ def run_concurrency(path: Path, hf_model, concurrency: int, args) -> tuple[dict,
     prompts = make_prompts(concurrency, args.prompt_len, seed=100 + concurrency)
     engine_round(llm, prompts[: min(2, concurrency)], 4)  # throwaway
     rounds, hf_rounds = [], []
-    for _ in range(args.rounds):
+    for _ in range(args.rounds if concurrency < TARGET_CONCURRENCY else args.rounds_large):
         rounds.append(engine_round(llm, prompts, args.output_len))
         hf_rounds.append(measure_hf_batched(hf_model, prompts, args.output_len))
     llm.close()
@@ -788,6 +794,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="timed rounds per system (best kept)")
+    p.add_argument(
+        "--rounds-large", type=int, default=1, help="rounds at concurrency >= 32 (long rounds)"
+    )
     p.add_argument("--decode-tokens", type=int, default=128, help="output for the MBU run")
     p.add_argument("--decode-seq-len", type=int, default=512, help="max_seq_len, MBU run")
     p.add_argument("--hf-sequential-requests", type=int, default=3)
@@ -808,7 +817,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1408, 4, 8, 2
         args.concurrency = [1, 8]
         args.output_len, args.decode_tokens, args.decode_seq_len = 16, 64, 256
-        args.rounds, args.hf_sequential_requests = 1, 2
+        args.rounds, args.rounds_large, args.hf_sequential_requests = 1, 1, 2
         args.bandwidth_gib, args.repeats, args.profile_repeats = 0.25, 3, 3
     args.concurrency = sorted(set(args.concurrency))
     return args
