@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -33,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Int
 
 from jaxllm import padding
@@ -151,10 +153,15 @@ class _Handoff(NamedTuple):
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig):
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
-        self._prefill_insert = jax.jit(self._prefill_insert_impl, donate_argnames="state")
-        self._start_slot = jax.jit(self._start_slot_impl, donate_argnames="state")
-        self._generate = jax.jit(self._generate_impl, donate_argnames="state")
         self._state = self._initial_state()
+        # Every step returns the state with exactly the shardings it came in with, so warm-up
+        # and serving hit the same compiled programs (a fresh numpy state or an XLA-chosen
+        # output layout would each be a new cache key: a compile in the middle of serving).
+        keep = (jax.tree.map(lambda x: x.sharding, self._state), None)
+        jit = functools.partial(jax.jit, donate_argnames="state", out_shardings=keep)
+        self._prefill_insert = jit(self._prefill_insert_impl)
+        self._start_slot = jit(self._start_slot_impl)
+        self._generate = jit(self._generate_impl)
         self._slots: list[Request | None] = [None] * config.max_slots
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -268,13 +275,14 @@ class Engine:
 
     def _initial_state(self) -> DecodeState:
         B = self.config.max_slots
-        zeros = np.zeros((B,), np.int32)
+        replicated = NamedSharding(self.runner.spec.mesh, PartitionSpec())
+        rows = [jax.device_put(np.zeros((B,), np.int32), replicated) for _ in range(3)]
         return DecodeState(
             cache=self.runner.new_cache(B, self.config.max_seq_len),
-            tokens=zeros,
-            positions=zeros,
-            steps=zeros,
-            sampling=SamplingArrays.neutral(B),
+            tokens=rows[0],
+            positions=rows[1],
+            steps=rows[2],
+            sampling=jax.device_put(SamplingArrays.neutral(B), replicated),
         )
 
     def _prefill_insert_impl(self, params, state: DecodeState, tokens, length, slot):

@@ -9,6 +9,7 @@ import pytest
 
 import hf_models
 import jaxllm
+from jaxllm.engine import Engine
 from jaxllm.sampling import SamplingParams
 from jaxllm.tokenizer import byte_level_tokenizer
 
@@ -87,7 +88,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     assert len({tuple(t) for t in alone}) == len(alone)
 
 
-def test_no_compilation_after_warm_up(engine):
+def test_no_compilation_after_warm_up(llm):
+    # A fresh engine: the shared one has already served every shape in earlier tests.
+    engine = Engine(llm.runner, llm.tokenizer, llm.engine.config).start()
     compiles = []
 
     def on_event(event, duration, **kwargs):
@@ -112,6 +115,7 @@ def test_no_compilation_after_warm_up(engine):
         jobs.append((ids, params))
     outputs = submit_staggered(engine, jobs, seed=7)
     assert all(outputs)
+    engine.stop()
     assert compiles == [], f"{len(compiles)} compilations after warm-up"
 
 
