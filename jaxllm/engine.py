@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 from jaxllm import padding
 from jaxllm.kv_cache import KVCache
@@ -55,9 +55,13 @@ class EngineConfig:
     min_bucket: int = padding.MIN_BUCKET
     steps_per_call: int = 1  # decode steps per jitted generate call
     max_in_flight: int = 2  # generate calls dispatched ahead of the detokenizer
+    prefill_batch: int = 8  # most waiting prompts of one bucket prefilled in one call
+    prefill_tokens: int = 512  # padded tokens a batched prefill call may hold
 
     def __post_init__(self):
-        if self.max_slots < 1 or self.max_seq_len < 2 or self.steps_per_call < 1:
+        if min(self.max_slots, self.steps_per_call, self.prefill_batch, self.prefill_tokens) < 1:
+            raise ValueError(f"invalid engine config {self}")
+        if self.max_seq_len < 2:
             raise ValueError(f"invalid engine config {self}")
         if not 1 <= self.prompt_limit < self.max_seq_len:
             raise ValueError("max_prompt_len must be in [1, max_seq_len)")
@@ -69,6 +73,26 @@ class EngineConfig:
     @property
     def buckets(self) -> tuple[int, ...]:
         return padding.prefill_buckets(self.prompt_limit, self.min_bucket)
+
+    def prefill_rows(self, bucket: int) -> int:
+        """Prompts of ``bucket`` prefilled together when several wait (one alone runs as 1)."""
+        return padding.prefill_rows(
+            bucket, min(self.prefill_batch, self.max_slots), self.prefill_tokens
+        )
+
+    @property
+    def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Every ``(rows, bucket)`` prompt batch that is compiled."""
+        return tuple(
+            (rows, bucket)
+            for bucket in self.buckets
+            for rows in sorted({1, self.prefill_rows(bucket)})
+        )
+
+    @property
+    def start_rows(self) -> int:
+        """Rows of the first-token sampler: the widest prefill, so it compiles once."""
+        return max(rows for rows, _ in self.prefill_shapes)
 
 
 class DecodeState(NamedTuple):
@@ -150,6 +174,42 @@ class _Handoff(NamedTuple):
     owners: Sequence[tuple[int, Request]]  # (row, request)
 
 
+class _PrefillBatch(NamedTuple):
+    """Host arrays for one prefill call of ``rows`` prompts padded to one bucket, and for the
+    first-token sampler, whose row count is ``start_rows``. Padding rows name the slot
+    ``max_slots``, which every device-side write drops."""
+
+    tokens: np.ndarray  # [rows, bucket]
+    lengths: np.ndarray  # [rows]
+    slots: np.ndarray  # [rows]
+    lengths_padded: np.ndarray  # [start_rows]
+    slots_padded: np.ndarray  # [start_rows]
+    sampling: SamplingArrays  # [start_rows]
+
+    @classmethod
+    def of(
+        cls, chunk: Sequence[tuple[int, Request]], rows: int, bucket: int, config: EngineConfig
+    ) -> _PrefillBatch:
+        width = config.start_rows
+        tokens = np.zeros((rows, bucket), np.int32)
+        lengths = np.ones((width,), np.int32)
+        slots = np.full((width,), config.max_slots, np.int32)
+        params = [SamplingParams(temperature=0.0)] * width
+        seeds = [0] * width
+        for row, (slot, request) in enumerate(chunk):
+            ids = request.prompt_ids
+            tokens[row, : len(ids)] = ids
+            lengths[row], slots[row] = len(ids), slot
+            params[row], seeds[row] = request.output.params, request.seed
+        sampling = SamplingArrays.from_params(params, seeds)
+        return cls(tokens, lengths[:rows], slots[:rows], lengths, slots, sampling)
+
+    @classmethod
+    def empty(cls, rows: int, bucket: int, config: EngineConfig) -> _PrefillBatch:
+        """All padding: compiles a shape without touching any slot."""
+        return cls.of([], rows, bucket, config)
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig):
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
@@ -157,10 +217,18 @@ class Engine:
         # Every step returns the state with exactly the shardings it came in with, so warm-up
         # and serving hit the same compiled programs (a fresh numpy state or an XLA-chosen
         # output layout would each be a new cache key: a compile in the middle of serving).
-        keep = (jax.tree.map(lambda x: x.sharding, self._state), None)
+        state_shardings = jax.tree.map(lambda x: x.sharding, self._state)
+        keep = (state_shardings, None)
         jit = functools.partial(jax.jit, donate_argnames="state", out_shardings=keep)
-        self._prefill_insert = jit(self._prefill_insert_impl)
-        self._start_slot = jit(self._start_slot_impl)
+        # Each prefill shape is its own program; pinning the logits' layout keeps the one
+        # first-token sampler they all feed from seeing a new input sharding (a recompile).
+        replicated = NamedSharding(runner.spec.mesh, PartitionSpec())
+        self._prefill_insert = jax.jit(
+            self._prefill_insert_impl,
+            donate_argnames="state",
+            out_shardings=(state_shardings, replicated),
+        )
+        self._start_slots = jit(self._start_slots_impl)
         self._generate = jit(self._generate_impl)
         self._slots: list[Request | None] = [None] * config.max_slots
         self._waiting: collections.deque[Request] = collections.deque()
@@ -170,6 +238,8 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self.failure: BaseException | None = None
+        # (rows, bucket) -> prefill calls of that shape: what batching achieved, for metrics.
+        self.prefill_calls: collections.Counter[tuple[int, int]] = collections.Counter()
 
     # -- public API -------------------------------------------------------------------
 
@@ -251,23 +321,23 @@ class Engine:
                 self._wake.wait(0.01)
 
     def warm_up(self) -> None:
-        """Compiles every prefill bucket, the slot start and the decode step by running each
-        once (on slot 0, which is reset afterwards)."""
+        """Compiles every prefill shape, the slot start and the decode step by running each
+        once (into the first slots, which are reset afterwards)."""
         start = time.perf_counter()
-        for bucket in self.config.buckets:
-            tokens = np.zeros((1, bucket), np.int32)
+        for rows, bucket in self.config.prefill_shapes:
+            batch = _PrefillBatch.empty(rows, bucket, self.config)
             self._state, logits = self._prefill_insert(
-                self.runner.params, self._state, tokens, np.int32(1), np.int32(0)
+                self.runner.params, self._state, batch.tokens, batch.lengths, batch.slots
             )
-        self._state, first = self._start_slot(
-            self._state, logits, np.int32(1), np.int32(0), SamplingArrays.neutral(1)
+        self._state, first = self._start_slots(
+            self._state, logits, batch.lengths_padded, batch.slots_padded, batch.sampling
         )
         self._state, tokens = self._generate(self.runner.params, self._state)
         np.asarray(first), np.asarray(tokens)
         self._state = self._initial_state()
         log.info(
-            "warm-up compiled %d prefill buckets and the decode step in %.1f s",
-            len(self.config.buckets),
+            "warm-up compiled %d prefill shapes and the decode step in %.1f s",
+            len(self.config.prefill_shapes),
             time.perf_counter() - start,
         )
 
@@ -285,41 +355,63 @@ class Engine:
             sampling=jax.device_put(SamplingArrays.neutral(B), replicated),
         )
 
-    def _prefill_insert_impl(self, params, state: DecodeState, tokens, length, slot):
-        """Runs one padded prompt ``[1, bucket]`` and writes its keys/values into ``slot``;
-        returns the logits ``[1, V]`` that predict the first output token."""
+    def _prefill_insert_impl(
+        self,
+        params,
+        state: DecodeState,
+        tokens: Int[Array, "P T"],
+        lengths: Int[Array, " P"],
+        slots: Int[Array, " P"],
+    ):
+        """Runs ``P`` padded prompts of one bucket and writes each one's keys/values into its
+        slot (a slot index of ``max_slots`` marks a padding row, whose write is dropped).
+        Returns the logits ``[start_rows, V]`` that predict each prompt's first token, padded
+        to the sampler's fixed row count."""
         cfg = self.runner.config
-        bucket = tokens.shape[1]
-        shape = (1, bucket, cfg.num_kv_heads, cfg.head_dim)
+        rows, bucket = tokens.shape
+        shape = (rows, bucket, cfg.num_kv_heads, cfg.head_dim)
         empty = tuple(jnp.zeros(shape, state.cache.keys[0].dtype) for _ in range(cfg.num_layers))
-        positions = jnp.arange(bucket)[None]
+        positions = jnp.broadcast_to(jnp.arange(bucket), (rows, bucket))
         logits, local = self.runner._forward_at(
-            params, tokens, positions, KVCache(empty, empty), jnp.reshape(length - 1, (1,))
+            params, tokens, positions, KVCache(empty, empty), lengths - 1
         )
-        at = (slot, 0, 0, 0)
+        # [P, T] cache coordinates of every prompt token: its slot's row, positions from 0.
+        at = (slots[:, None], jnp.broadcast_to(jnp.arange(bucket), (rows, bucket)))
 
         def insert(cache, new):
-            return tuple(
-                jax.lax.dynamic_update_slice(c, n, at) for c, n in zip(cache, new, strict=True)
-            )
+            pairs = zip(cache, new, strict=True)
+            return tuple(c.at[at].set(n.astype(c.dtype), mode="drop") for c, n in pairs)
 
         cache = KVCache(
             insert(state.cache.keys, local.keys), insert(state.cache.values, local.values)
         )
+        logits = jnp.pad(logits, ((0, self.config.start_rows - rows), (0, 0)))
         return state._replace(cache=cache), logits
 
-    def _start_slot_impl(self, state: DecodeState, logits, length, slot, sampling):
-        """Samples a prefilled request's first token and arms its slot for decoding.
+    def _start_slots_impl(
+        self,
+        state: DecodeState,
+        logits: Float[Array, "R V"],
+        lengths: Int[Array, " R"],
+        slots: Int[Array, " R"],
+        sampling: SamplingArrays,
+    ):
+        """Samples prefilled requests' first tokens and arms their slots for decoding (rows
+        whose slot is ``max_slots`` are padding and change nothing).
 
-        Kept apart from the per-bucket prefill so the sampler compiles once, not per bucket.
+        Kept apart from the per-shape prefill so the sampler compiles once, not per bucket.
         """
-        first = sample(logits, sampling, jnp.zeros((1,), jnp.int32))
+        first = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32))
+
+        def arm(column, values):
+            return column.at[slots].set(values, mode="drop")
+
         state = DecodeState(
             cache=state.cache,
-            tokens=state.tokens.at[slot].set(first[0]),
-            positions=state.positions.at[slot].set(length),
-            steps=state.steps.at[slot].set(1),
-            sampling=jax.tree.map(lambda a, r: a.at[slot].set(r[0]), state.sampling, sampling),
+            tokens=arm(state.tokens, first),
+            positions=arm(state.positions, lengths),
+            steps=arm(state.steps, jnp.ones_like(lengths)),
+            sampling=jax.tree.map(arm, state.sampling, sampling),
         )
         return state, first
 
@@ -350,8 +442,7 @@ class Engine:
                     if self._stopping:
                         break
                     admitted = self._take_admissions()
-                for slot, request in admitted:
-                    self._insert(slot, request)
+                self._prefill(admitted)
                 owners = [(row, r) for row, r in enumerate(self._slots) if r is not None]
                 if owners:
                     self._state, tokens = self._generate(self.runner.params, self._state)
@@ -375,19 +466,27 @@ class Engine:
             admitted.append((slot, request))
         return admitted
 
-    def _insert(self, slot: int, request: Request) -> None:
-        n = len(request.prompt_ids)
-        bucket = padding.bucket_for(n, self.config.buckets)
-        tokens = padding.pad_to(request.prompt_ids, bucket)[None]
-        sampling = SamplingArrays.from_params([request.output.params], [request.seed])
-        self._state, logits = self._prefill_insert(
-            self.runner.params, self._state, tokens, np.int32(n), np.int32(slot)
-        )
-        self._state, first = self._start_slot(
-            self._state, logits, np.int32(n), np.int32(slot), sampling
-        )
-        first.copy_to_host_async()
-        self._handoff.put(_Handoff(first, [(0, request)]))
+    def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
+        """Prefills newly admitted requests, several prompts of one bucket per call."""
+        by_bucket: dict[int, list[tuple[int, Request]]] = {}
+        for slot, request in admitted:
+            bucket = padding.bucket_for(len(request.prompt_ids), self.config.buckets)
+            by_bucket.setdefault(bucket, []).append((slot, request))
+        for bucket, group in by_bucket.items():
+            rows = self.config.prefill_rows(bucket)
+            for i in range(0, len(group), rows):
+                chunk = group[i : i + rows]
+                shape = (1 if len(chunk) == 1 else rows, bucket)
+                self.prefill_calls[shape] += 1
+                batch = _PrefillBatch.of(chunk, shape[0], bucket, self.config)
+                self._state, logits = self._prefill_insert(
+                    self.runner.params, self._state, batch.tokens, batch.lengths, batch.slots
+                )
+                self._state, first = self._start_slots(
+                    self._state, logits, batch.lengths_padded, batch.slots_padded, batch.sampling
+                )
+                first.copy_to_host_async()
+                self._handoff.put(_Handoff(first, [(row, r) for row, (_, r) in enumerate(chunk)]))
 
     def _free_finished_slots(self) -> None:
         for slot, request in enumerate(self._slots):

@@ -16,6 +16,13 @@ def prefill_buckets(max_prompt_len: int, min_bucket: int = MIN_BUCKET) -> tuple[
     return (*buckets, max_prompt_len)
 
 
+def prefill_rows(bucket: int, max_rows: int, token_budget: int) -> int:
+    """Prompts of one bucket prefilled together in one call: as many as fit ``token_budget``
+    padded tokens, at most ``max_rows``, at least one. Batching short prompts turns many thin
+    matmuls (``[bucket, D]``, slow on CPU and poorly filled on accelerators) into few wide ones."""
+    return max(1, min(max_rows, token_budget // bucket))
+
+
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
     for bucket in buckets:
         if length <= bucket:

@@ -64,6 +64,22 @@ def test_greedy_output_does_not_depend_on_the_batch(engine):
     assert [len(t) for t in alone] == [p.max_tokens for _, p in jobs]
 
 
+def test_prompts_waiting_together_share_one_prefill_call(engine):
+    rng = random.Random(11)
+    # Lengths 17..32 all pad to the 32 bucket, so waiting prompts are prefilled several at once.
+    jobs = [
+        ([rng.randrange(258) for _ in range(rng.randrange(17, 33))], greedy(6)) for _ in range(10)
+    ]
+    alone = [engine.submit(ids, params).wait(60).token_ids for ids, params in jobs]
+    before = engine.prefill_calls.copy()
+    together = [r.wait(120).token_ids for r in [engine.submit(*job) for job in jobs]]
+    batched = engine.prefill_calls - before
+    rows = engine.config.prefill_rows(32)
+    assert rows == SLOTS  # every free slot can be filled by one call
+    assert batched[(rows, 32)] >= 1, batched
+    assert together == alone
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     params = [
         SamplingParams(
