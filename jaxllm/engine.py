@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 
-from jaxllm import padding
+from jaxllm import kv_cache, padding
 from jaxllm.kv_cache import KVCache
 from jaxllm.request_output import RequestOutput
 from jaxllm.runtime import ModelRunner
@@ -369,22 +369,12 @@ class Engine:
         to the sampler's fixed row count."""
         cfg = self.runner.config
         rows, bucket = tokens.shape
-        shape = (rows, bucket, cfg.num_kv_heads, cfg.head_dim)
-        empty = tuple(jnp.zeros(shape, state.cache.keys[0].dtype) for _ in range(cfg.num_layers))
+        local = kv_cache.empty(
+            cfg.num_layers, rows, bucket, cfg.num_kv_heads, cfg.head_dim, state.cache.keys[0].dtype
+        )
         positions = jnp.broadcast_to(jnp.arange(bucket), (rows, bucket))
-        logits, local = self.runner._forward_at(
-            params, tokens, positions, KVCache(empty, empty), lengths - 1
-        )
-        # [P, T] cache coordinates of every prompt token: its slot's row, positions from 0.
-        at = (slots[:, None], jnp.broadcast_to(jnp.arange(bucket), (rows, bucket)))
-
-        def insert(cache, new):
-            pairs = zip(cache, new, strict=True)
-            return tuple(c.at[at].set(n.astype(c.dtype), mode="drop") for c, n in pairs)
-
-        cache = KVCache(
-            insert(state.cache.keys, local.keys), insert(state.cache.values, local.values)
-        )
+        logits, local = self.runner._forward_at(params, tokens, positions, local, lengths - 1)
+        cache = kv_cache.insert(state.cache, local, slots)
         logits = jnp.pad(logits, ((0, self.config.start_rows - rows), (0, 0)))
         return state._replace(cache=cache), logits
 

@@ -1,10 +1,14 @@
-"""The key/value cache: one contiguous ``[B, S, K, H]`` buffer per layer for keys and values.
+"""The key/value cache: one contiguous ``[B, K, S, H]`` buffer per layer for keys and values.
 
 Slot-major and contiguous per slot (as JetStream lays it out): cache index ``s`` holds the
-token at absolute position ``s`` of the sequence in slot ``b``. Writes scatter each new token
-to ``[b, position]``, which XLA performs in place when the cache is donated; measured here,
-that is far cheaper than a vmapped dynamic_update_slice over a non-leading axis. This module
-is the only place that knows the layout, so a paged cache can replace it later.
+token at absolute position ``s`` of the sequence in slot ``b``. Within a slot, each KV head's
+positions are contiguous (``[K, S, H]``), which is the order attention reads them in: with
+``[B, S, K, H]`` XLA's CPU backend transposed every layer's whole cache on every decode step
+(a read and a write of the cache per layer, as much traffic as the weights at 64 slots).
+Writes scatter each new token to ``[b, :, position]``, which XLA performs in place when the
+cache is donated; measured here, that is far cheaper than a vmapped dynamic_update_slice over
+a non-leading axis. This module is the only place that knows the layout, so a paged cache can
+replace it later.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from jaxtyping import Array, Float, Int
 
 from sharding import ShardingRules
 
-CACHE_AXES = ("cache_batch", "cache_sequence", "cache_kv_heads", "cache_head_dim")
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_sequence", "cache_head_dim")
 
 
 class KVCache(NamedTuple):
-    keys: tuple[Float[Array, "B S K H"], ...]  # one per layer
-    values: tuple[Float[Array, "B S K H"], ...]
+    keys: tuple[Float[Array, "B K S H"], ...]  # one per layer
+    values: tuple[Float[Array, "B K S H"], ...]
 
     @property
     def batch(self) -> int:
@@ -31,7 +35,7 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -49,7 +53,7 @@ class KVCache(NamedTuple):
         rules: ShardingRules,
     ) -> KVCache:
         """Zeros laid out by the cache rules, allocated directly in their shards."""
-        shape = (batch, max_len, num_kv_heads, head_dim)
+        shape = (batch, num_kv_heads, max_len, head_dim)
         sharding = rules.sharding(CACHE_AXES, shape, mesh)
         make = jax.jit(
             lambda: tuple(jnp.zeros(shape, dtype) for _ in range(2 * num_layers)),
@@ -59,10 +63,36 @@ class KVCache(NamedTuple):
         return KVCache(buffers[:num_layers], buffers[num_layers:])
 
 
+def empty(
+    num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype
+) -> KVCache:
+    """A cache built inside a jitted step (a prefill's own, local cache)."""
+    shape = (batch, num_kv_heads, max_len, head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    return KVCache(zeros, zeros)
+
+
 def write(
-    cache: Float[Array, "B S K H"], new: Float[Array, "B T K H"], positions: Int[Array, "B T"]
-) -> Float[Array, "B S K H"]:
+    cache: Float[Array, "B K S H"], new: Float[Array, "B T K H"], positions: Int[Array, "B T"]
+) -> Float[Array, "B K S H"]:
     """Stores each new token at its absolute position; positions past the end are dropped
     (padding of a bucketed prompt that reaches beyond the cache)."""
     rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+    # Indices on axes 0 and 2 around a slice: the update is laid out [B, T, K, H].
+    return cache.at[rows, :, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def insert(cache: KVCache, local: KVCache, slots: Int[Array, " P"]) -> KVCache:
+    """Copies each row of ``local`` (prefilled prompts, positions from 0) into its slot of
+    ``cache``; a slot index past the last slot marks a padding row, whose write is dropped."""
+    P, _, T, _ = local.keys[0].shape
+    at = (slots[:, None], slice(None), jnp.broadcast_to(jnp.arange(T), (P, T)))
+
+    def put(full, new):
+        # [P, K, T, H] -> [P, T, K, H], the order of an update indexed on axes 0 and 2.
+        return full.at[at].set(new.transpose(0, 2, 1, 3).astype(full.dtype), mode="drop")
+
+    return KVCache(
+        tuple(put(c, n) for c, n in zip(cache.keys, local.keys, strict=True)),
+        tuple(put(c, n) for c, n in zip(cache.values, local.values, strict=True)),
+    )

@@ -88,8 +88,8 @@ class Attention(nnx.Module):
         positions: Int[Array, "B T"],
         cos: Float[Array, "B T H"],
         sin: Float[Array, "B T H"],
-        cache_k: Float[Array, "B S K H"],
-        cache_v: Float[Array, "B S K H"],
+        cache_k: Float[Array, "B K S H"],
+        cache_v: Float[Array, "B K S H"],
     ):
         q, k, v = (
             _project_heads(x, self.wq[...]),
@@ -109,16 +109,16 @@ class Attention(nnx.Module):
         K = self.num_kv_heads
         # [B, T, K, G, H]: each key/value head serves a group of G query heads.
         q = q.reshape(B, T, K, N // K, H)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, cache_k).astype(jnp.float32)
+        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, cache_k).astype(jnp.float32)
         scores = scores * (H**-0.5)
         # Cache index s holds absolute position s; a query sees positions up to its own.
-        key_pos = jnp.arange(cache_k.shape[1])
+        key_pos = jnp.arange(cache_k.shape[2])
         visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
         if self.window is not None:
             visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, cache_v).reshape(B, T, N, H)
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, cache_v).reshape(B, T, N, H)
         # [B, T, N*H] @ [N*H, D], merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
         wo = self.wo[...]

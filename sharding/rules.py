@@ -10,7 +10,7 @@ Weight names and activation names are kept apart, so that e.g. the model width o
 
 Weights:      vocab, embed, q_heads, kv_heads, head_dim, mlp, norm
 Activations:  act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
-KV cache:     cache_batch, cache_sequence, cache_kv_heads, cache_head_dim
+KV cache:     cache_batch, cache_kv_heads, cache_sequence, cache_head_dim
 
 Two rules decide what happens where a layout cannot be honoured exactly:
 - a dimension that the mesh axes' total size does not divide (2 KV heads over tensor=4) is
@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LOGICAL_AXES: frozenset[str] = frozenset(
     "vocab embed q_heads kv_heads head_dim mlp norm "
     "act_batch act_length act_embed act_heads act_kv_heads act_mlp act_vocab "
-    "cache_batch cache_sequence cache_kv_heads cache_head_dim".split()
+    "cache_batch cache_kv_heads cache_sequence cache_head_dim".split()
 )
 
 AxisNames = tuple[str | None, ...]
