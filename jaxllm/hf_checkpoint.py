@@ -2,10 +2,10 @@
 
 Reading never materialises the model on the host. Each tensor is memory-mapped on its own,
 each device's shard is sliced out of the mapping (so only the pages it covers are read),
-converted and transposed into jaxllm's layout, and placed on its device; the mapping is
-closed before the next tensor. The safetensors format is simple enough (an 8-byte header
-length, a JSON header, raw little-endian data) that reading it directly keeps bfloat16 and
-slicing under our control.
+converted, reshaped into jaxllm's layout (the same [out, in] order, heads split out) and
+placed on its device; the mapping is closed before the next tensor. The safetensors format
+is simple enough (an 8-byte header length, a JSON header, raw little-endian data) that
+reading it directly keeps bfloat16 and slicing under our control.
 """
 
 from __future__ import annotations
@@ -146,28 +146,29 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-    def plain(name, *shape, transpose=False):
-        return Stored(name, shape, shape, (1, 0) if transpose else tuple(range(len(shape))))
+    def plain(name, *shape):
+        return Stored(name, shape, shape, tuple(range(len(shape))))
 
     table = {
         "embed": plain("model.embed_tokens.weight", V, D),
         "final_norm.scale": plain("model.norm.weight", D),
     }
     if not cfg.tie_word_embeddings:
-        table["lm_head"] = plain("lm_head.weight", V, D, transpose=True)
+        table["lm_head"] = plain("lm_head.weight", V, D)
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
         table |= {
             ours + "attn_norm.scale": plain(hf + "input_layernorm.weight", D),
             ours + "mlp_norm.scale": plain(hf + "post_attention_layernorm.weight", D),
-            ours + "attn.wq": Stored(attn + "q_proj.weight", (N * H, D), (N, H, D), (2, 0, 1)),
-            ours + "attn.wk": Stored(attn + "k_proj.weight", (K * H, D), (K, H, D), (2, 0, 1)),
-            ours + "attn.wv": Stored(attn + "v_proj.weight", (K * H, D), (K, H, D), (2, 0, 1)),
-            ours + "attn.wo": Stored(attn + "o_proj.weight", (D, N * H), (D, N, H), (1, 2, 0)),
-            ours + "mlp.w_gate": plain(hf + "mlp.gate_proj.weight", F, D, transpose=True),
-            ours + "mlp.w_up": plain(hf + "mlp.up_proj.weight", F, D, transpose=True),
-            ours + "mlp.w_down": plain(hf + "mlp.down_proj.weight", D, F, transpose=True),
+            # Same [out, in] order as jaxllm: only the head dims are split out of the rows.
+            ours + "attn.wq": Stored(attn + "q_proj.weight", (N * H, D), (N, H, D), (0, 1, 2)),
+            ours + "attn.wk": Stored(attn + "k_proj.weight", (K * H, D), (K, H, D), (0, 1, 2)),
+            ours + "attn.wv": Stored(attn + "v_proj.weight", (K * H, D), (K, H, D), (0, 1, 2)),
+            ours + "attn.wo": Stored(attn + "o_proj.weight", (D, N * H), (D, N, H), (0, 1, 2)),
+            ours + "mlp.w_gate": plain(hf + "mlp.gate_proj.weight", F, D),
+            ours + "mlp.w_up": plain(hf + "mlp.up_proj.weight", F, D),
+            ours + "mlp.w_down": plain(hf + "mlp.down_proj.weight", D, F),
         }
         if cfg.qkv_bias:
             table |= {

@@ -48,7 +48,7 @@ from jaxllm.hf_checkpoint import (
 from jaxllm.params import ModelSpec, named_params
 from sharding import DEFAULT_RULES, make_mesh
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights [out, in], as Hugging Face stores them (1: [in, out])
 METADATA_FILE = "jaxllm_checkpoint.json"
 _FORMAT = "jaxllm-orbax"
 _TOKENIZER_FILES = (

@@ -345,12 +345,13 @@ def weight_matvec(llm: jaxllm.LLM) -> tuple[Callable, int]:
         w = var.get_value()
         if w.ndim < 2 or name == "embed":
             continue
-        rows = w.shape[0] * w.shape[1] if name.endswith("attn.wo") else w.shape[0]
-        weights.append(w.reshape(rows, -1))
+        # [out, in] as the model stores them; wo's input is its trailing N*H.
+        out = w.shape[0] if name.endswith("attn.wo") else -1
+        weights.append(w.reshape(out, w.shape[-1] if out == -1 else -1))
 
     @jax.jit
     def stream(ws):
-        return [jnp.ones((1, w.shape[0]), w.dtype) @ w for w in ws]
+        return [jnp.einsum("md,od->mo", jnp.ones((1, w.shape[1]), w.dtype), w) for w in ws]
 
     def call():
         jax.block_until_ready(stream(weights))

@@ -286,7 +286,7 @@ def test_sharded_checkpoint_loads_across_a_device_mesh(llama, sharded):
     _, _, _, ids, expected = llama
     llm = jaxllm.LLM.load(sharded, mesh={"fsdp": 2, "tensor": 4}, rules="fsdp_tensor")
     w_up = named_params(llm.runner.state)["layers.0.mlp.w_up"].get_value()
-    assert w_up.sharding.spec == jax.P("fsdp", "tensor")  # really split, not replicated
+    assert w_up.sharding.spec == jax.P("tensor", "fsdp")  # really split, not replicated
     assert np.abs(llm.logits(ids[0].tolist()) - expected).max() <= 1e-4
 
 
@@ -351,10 +351,10 @@ def test_bfloat16_checkpoint_into_bfloat16_params_is_bit_exact(llama, tmp_path):
 
     np.testing.assert_array_equal(params["embed"], hf("model.embed_tokens.weight"))
     np.testing.assert_array_equal(
-        params["layers.1.mlp.w_up"], hf("model.layers.1.mlp.up_proj.weight").T
+        params["layers.1.mlp.w_up"], hf("model.layers.1.mlp.up_proj.weight")
     )
-    # [D, N, H] from q_proj's [N * H, D]
-    wq = hf("model.layers.1.self_attn.q_proj.weight").reshape(4, 16, 64).transpose(2, 0, 1)
+    # [N, H, D] from q_proj's [N * H, D]
+    wq = hf("model.layers.1.self_attn.q_proj.weight").reshape(4, 16, 64)
     np.testing.assert_array_equal(params["layers.1.attn.wq"], wq)
 
 

@@ -89,11 +89,11 @@ def converted(hf_dir, tmp_path_factory):
 def test_conversion_carries_config_tokenizer_dtype_and_version(hf_dir, converted):
     assert oc.is_orbax_checkpoint(converted)
     meta = oc.read_metadata(converted)
-    assert meta["format_version"] == oc.FORMAT_VERSION == 1 and meta["dtype"] == "float32"
+    assert meta["format_version"] == oc.FORMAT_VERSION == 2 and meta["dtype"] == "float32"
     config = oc.read_config(converted)
     assert config == ModelConfig.from_hf_dir(hf_dir)
     assert set(meta["params"]) == set(named_params(spec_for(config).abstract()[1]))
-    assert meta["params"]["layers.0.attn.wk"] == {"shape": [64, 4, 8], "dtype": "float32"}
+    assert meta["params"]["layers.0.attn.wk"] == {"shape": [4, 8, 64], "dtype": "float32"}
 
     folder = oc.tokenizer_dir(converted)
     copied = {p.name for p in folder.iterdir()}
@@ -177,7 +177,7 @@ def test_live_sharded_state_saved_and_restored_on_another_mesh(converted, tmp_pa
     _, state = oc.load_orbax_state(converted, spec_for(config, {"fsdp": 4, "tensor": 2}))
     tuned = jax.tree.map(lambda x: x * 1.5 + 0.25, state)  # stands in for fine-tuning
     w_up = arrays(tuned)["layers.0.mlp.w_up"]
-    assert w_up.sharding.spec == jax.P("fsdp", "tensor")  # saved from 8 shards
+    assert w_up.sharding.spec == jax.P("tensor", "fsdp")  # saved from 8 shards
 
     saved = []
     out = oc.save_state(
@@ -192,7 +192,7 @@ def test_live_sharded_state_saved_and_restored_on_another_mesh(converted, tmp_pa
     spec = spec_for(config, {"tensor": 8})
     _, restored = oc.load_orbax_state(out, spec)
     assert_same_arrays(restored, tuned)
-    assert arrays(restored)["layers.0.mlp.w_up"].sharding.spec == jax.P(None, "tensor")
+    assert arrays(restored)["layers.0.mlp.w_up"].sharding.spec == jax.P("tensor")
     tokenizer = Tokenizer.from_dir(oc.tokenizer_dir(out))
     assert tokenizer.encode("abc") == Tokenizer.from_dir(oc.tokenizer_dir(converted)).encode("abc")
     with pytest.raises(FileExistsError, match="not empty"):
@@ -203,7 +203,7 @@ def test_save_state_refuses_a_state_that_does_not_match_the_config(converted, tm
     config = oc.read_config(converted)
     _, state = oc.load_orbax_state(converted, spec_for(config))
     other = dataclasses.replace(config, intermediate_size=128)
-    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.w_down' has shape \(96, 64\)"):
+    with pytest.raises(ValueError, match=r"'layers\.0\.mlp\.w_down' has shape \(64, 96\)"):
         oc.save_state(state, other, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -247,8 +247,8 @@ def test_truncated_array_file_is_an_error(converted, tmp_path, keep):
 def test_config_that_does_not_match_the_arrays_is_refused_with_both_shapes(converted):
     config = dataclasses.replace(oc.read_config(converted), intermediate_size=128)
     expected = (
-        "'layers.0.mlp.w_down' is stored as float32[96, 64]; "
-        "this model config needs float32[128, 64]"
+        "'layers.0.mlp.w_down' is stored as float32[64, 96]; "
+        "this model config needs float32[64, 128]"
     )
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         oc.load_orbax_state(converted, spec_for(config))
@@ -258,10 +258,10 @@ def test_array_of_the_wrong_shape_on_disk_is_refused(converted, tmp_path):
     """The metadata file agrees with the model, but the array written under a parameter's name
     has another shape: Orbax must not pad or truncate it into place."""
     ckpt = copy_folder(converted, tmp_path / "c")
-    name = "layers.0.attn.wk"  # [64, 4, 8]
+    name = "layers.0.attn.wk"  # [4, 8, 64]
     shutil.rmtree(ckpt / "arrays" / name)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(ckpt / "arrays" / name, {name: np.ones((64, 2, 8), np.float32)})
+    checkpointer.save(ckpt / "arrays" / name, {name: np.ones((2, 8, 64), np.float32)})
     checkpointer.close()
     with pytest.raises(CheckpointError, match=rf"cannot read parameter '{name}'.*shape"):
         oc.load_orbax_state(ckpt, spec_for(oc.read_config(ckpt)))
@@ -271,12 +271,12 @@ def test_unknown_format_version_is_refused(converted, tmp_path):
     ckpt = copy_folder(converted, tmp_path / "c")
     file = ckpt / oc.METADATA_FILE
     meta = json.loads(file.read_text())
-    meta["format_version"] = 2
+    meta["format_version"] = 99
     file.write_text(json.dumps(meta))
     assert oc.is_orbax_checkpoint(ckpt)  # it is one, just not one this jaxllm reads
-    with pytest.raises(CheckpointError, match="version 2 is not readable by this jaxllm"):
+    with pytest.raises(CheckpointError, match="version 99 is not readable by this jaxllm"):
         oc.read_metadata(ckpt)
-    with pytest.raises(CheckpointError, match="version 2"):
+    with pytest.raises(CheckpointError, match="version 99"):
         oc.load_orbax_state(ckpt, spec_for(oc.read_config(converted)))
 
 
