@@ -57,6 +57,7 @@ class EngineConfig:
     max_in_flight: int = 2  # generate calls dispatched ahead of the detokenizer
     prefill_batch: int = 8  # most waiting prompts of one bucket prefilled in one call
     prefill_tokens: int = 512  # padded tokens a batched prefill call may hold
+    min_attend_len: int = 256  # shortest cache prefix a decode step reads (powers of 2 up)
 
     def __post_init__(self):
         if min(self.max_slots, self.steps_per_call, self.prefill_batch, self.prefill_tokens) < 1:
@@ -88,6 +89,15 @@ class EngineConfig:
             for bucket in self.buckets
             for rows in sorted({1, self.prefill_rows(bucket)})
         )
+
+    @property
+    def attend_lengths(self) -> tuple[int, ...]:
+        """Cache prefixes decode steps are compiled for."""
+        return padding.attend_lengths(self.max_seq_len, self.min_attend_len)
+
+    def attend_len_for(self, end: int) -> int:
+        """The shortest compiled prefix holding positions below ``end``."""
+        return next((n for n in self.attend_lengths if n >= end), self.max_seq_len)
 
     @property
     def start_rows(self) -> int:
@@ -229,8 +239,10 @@ class Engine:
             out_shardings=(state_shardings, replicated),
         )
         self._start_slots = jit(self._start_slots_impl)
-        self._generate = jit(self._generate_impl)
+        self._generate = jit(self._generate_impl, static_argnames="attend_len")
         self._slots: list[Request | None] = [None] * config.max_slots
+        # Host copy of each slot's next decode position, to pick the attention prefix.
+        self._next_position = [0] * config.max_slots
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._handoff: queue.Queue[_Handoff | None] = queue.Queue(config.max_in_flight)
@@ -332,12 +344,14 @@ class Engine:
         self._state, first = self._start_slots(
             self._state, logits, batch.lengths_padded, batch.slots_padded, batch.sampling
         )
-        self._state, tokens = self._generate(self.runner.params, self._state)
+        for attend_len in self.config.attend_lengths:
+            self._state, tokens = self._generate(self.runner.params, self._state, attend_len)
         np.asarray(first), np.asarray(tokens)
         self._state = self._initial_state()
         log.info(
-            "warm-up compiled %d prefill shapes and the decode step in %.1f s",
+            "warm-up compiled %d prefill shapes and %d decode steps in %.1f s",
             len(self.config.prefill_shapes),
+            len(self.config.attend_lengths),
             time.perf_counter() - start,
         )
 
@@ -405,13 +419,16 @@ class Engine:
         )
         return state, first
 
-    def _generate_impl(self, params, state: DecodeState):
-        """``steps_per_call`` decode steps over every slot -> new state, tokens ``[n, B]``."""
+    def _generate_impl(self, params, state: DecodeState, attend_len: int):
+        """``steps_per_call`` decode steps over every slot -> new state, tokens ``[n, B]``.
+        Attention reads cache positions below ``attend_len`` (static), which must cover every
+        running request's positions in this call."""
 
         def step(state: DecodeState, _):
             last = jnp.zeros_like(state.tokens)
+            tokens, positions = state.tokens[:, None], state.positions[:, None]
             logits, cache = self.runner._forward_at(
-                params, state.tokens[:, None], state.positions[:, None], state.cache, last
+                params, tokens, positions, state.cache, last, attend_len
             )
             tokens = sample(logits, state.sampling, state.steps)
             new = DecodeState(cache, tokens, state.positions + 1, state.steps + 1, state.sampling)
@@ -435,14 +452,24 @@ class Engine:
                 self._prefill(admitted)
                 owners = [(row, r) for row, r in enumerate(self._slots) if r is not None]
                 if owners:
-                    self._state, tokens = self._generate(self.runner.params, self._state)
-                    tokens.copy_to_host_async()
-                    self._handoff.put(_Handoff(tokens, owners))
+                    self._decode(owners)
         except BaseException as e:  # a device or compiler failure: fail requests, never hang
             log.exception("engine loop failed")
             self._fail(e)
         finally:
             self._handoff.put(None)
+
+    def _decode(self, owners: list[tuple[int, Request]]) -> None:
+        """Dispatches one generate call over every slot; its tokens go to the detokenizer."""
+        steps = self.config.steps_per_call
+        # Positions this call writes end below end + steps; finished rows need not fit.
+        end = max((self._next_position[row] for row, r in owners if not r.done), default=0)
+        attend_len = self.config.attend_len_for(end + steps)
+        for row, _ in owners:
+            self._next_position[row] += steps
+        self._state, tokens = self._generate(self.runner.params, self._state, attend_len)
+        tokens.copy_to_host_async()
+        self._handoff.put(_Handoff(tokens, owners))
 
     def _take_admissions(self) -> list[tuple[int, Request]]:
         admitted = []
@@ -477,6 +504,8 @@ class Engine:
                 )
                 first.copy_to_host_async()
                 self._handoff.put(_Handoff(first, [(row, r) for row, (_, r) in enumerate(chunk)]))
+                for slot, request in chunk:
+                    self._next_position[slot] = len(request.prompt_ids)
 
     def _free_finished_slots(self) -> None:
         for slot, request in enumerate(self._slots):

@@ -82,6 +82,13 @@ def write(
     return cache.at[rows, :, positions].set(new.astype(cache.dtype), mode="drop")
 
 
+def prefix(cache: Float[Array, "B K S H"], length: int | None) -> Float[Array, "B K L H"]:
+    """The first ``length`` positions of every slot (all of them for None)."""
+    if length is None or length >= cache.shape[2]:
+        return cache
+    return cache[:, :, :length]
+
+
 def insert(cache: KVCache, local: KVCache, slots: Int[Array, " P"]) -> KVCache:
     """Copies each row of ``local`` (prefilled prompts, positions from 0) into its slot of
     ``cache``; a slot index past the last slot marks a padding row, whose write is dropped."""

@@ -93,6 +93,7 @@ class Attention(nnx.Module):
         sin: Float[Array, "B T H"],
         cache_k: Float[Array, "B K S H"],
         cache_v: Float[Array, "B K S H"],
+        attend_len: int | None = None,
     ):
         q, k, v = (
             _project_heads(x, self.wq[...]),
@@ -107,21 +108,25 @@ class Attention(nnx.Module):
 
         cache_k = kv_cache.write(cache_k, k, positions)
         cache_v = kv_cache.write(cache_v, v, positions)
+        # Decode reads only the cache prefix that holds positions (the engine picks a length
+        # that covers every running request), not the whole max_seq_len row of every slot.
+        keys = kv_cache.prefix(cache_k, attend_len)
+        values = kv_cache.prefix(cache_v, attend_len)
 
         B, T, N, H = q.shape
         K = self.num_kv_heads
         # [B, T, K, G, H]: each key/value head serves a group of G query heads.
         q = q.reshape(B, T, K, N // K, H)
-        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, cache_k).astype(jnp.float32)
+        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys).astype(jnp.float32)
         scores = scores * (H**-0.5)
         # Cache index s holds absolute position s; a query sees positions up to its own.
-        key_pos = jnp.arange(cache_k.shape[2])
+        key_pos = jnp.arange(keys.shape[2])
         visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
         if self.window is not None:
             visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
-        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, cache_v).reshape(B, T, N, H)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(B, T, N, H)
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
         wo = self.wo[...]
@@ -154,9 +159,9 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, layout, dtype, rngs)
         self.layout = layout
 
-    def __call__(self, x, positions, cos, sin, cache_k, cache_v):
+    def __call__(self, x, positions, cos, sin, cache_k, cache_v, attend_len=None):
         attn_out, cache_k, cache_v = self.attn(
-            self.attn_norm(x), positions, cos, sin, cache_k, cache_v
+            self.attn_norm(x), positions, cos, sin, cache_k, cache_v, attend_len
         )
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
@@ -186,8 +191,14 @@ class Transformer(nnx.Module):
         self.layout = layout
 
     def __call__(
-        self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: kv_cache.KVCache
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        cache: kv_cache.KVCache,
+        attend_len: int | None = None,
     ) -> tuple[Float[Array, "B T D"], kv_cache.KVCache]:
+        """``attend_len`` (static): attention reads only cache positions below it; every
+        position a query may see must lie there. None reads the whole cache."""
         x = jnp.take(self.embed[...], tokens, axis=0)
         x = self.layout(x, "act_batch", "act_length", "act_embed")
         cfg = self.config
@@ -196,7 +207,7 @@ class Transformer(nnx.Module):
         keys, values = [], []
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k, v = block(x, positions, cos, sin, cache.keys[i], cache.values[i])
+                x, k, v = block(x, positions, cos, sin, cache.keys[i], cache.values[i], attend_len)
             keys.append(k)
             values.append(v)
         return self.final_norm(x), kv_cache.KVCache(tuple(keys), tuple(values))

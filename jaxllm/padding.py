@@ -23,6 +23,13 @@ def prefill_rows(bucket: int, max_rows: int, token_budget: int) -> int:
     return max(1, min(max_rows, token_budget // bucket))
 
 
+def attend_lengths(max_seq_len: int, min_len: int) -> tuple[int, ...]:
+    """Cache prefixes a decode step may attend over: powers of two from ``min_len`` up to and
+    including ``max_seq_len``. A step reads the shortest one that covers every running
+    request, so short requests do not pay for reading a long context's empty positions."""
+    return prefill_buckets(max_seq_len, min(min_len, max_seq_len))
+
+
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
     for bucket in buckets:
         if length <= bucket:

@@ -23,7 +23,9 @@ class ModelRunner:
         self.graphdef = graphdef
         self.params, self._treedef = jax.tree.flatten(state)
         self.forward = jax.jit(self._forward, donate_argnames="cache")
-        self.forward_at = jax.jit(self._forward_at, donate_argnames="cache")
+        self.forward_at = jax.jit(
+            self._forward_at, donate_argnames="cache", static_argnames="attend_len"
+        )
 
     @property
     def state(self) -> nnx.State:
@@ -47,11 +49,13 @@ class ModelRunner:
         positions: Int[Array, "B T"],
         cache: KVCache,
         last: Int[Array, " B"],
+        attend_len: int | None = None,
     ) -> tuple[Float[Array, "B V"], KVCache]:
         """Logits of one position per row (``last``: the row's final real token), so a
-        padded prompt or a decode step never computes the vocabulary head for every token."""
+        padded prompt or a decode step never computes the vocabulary head for every token.
+        ``attend_len``: see ``Transformer.__call__``."""
         model = self._model(params)
-        hidden, cache = model(tokens, positions, cache)
+        hidden, cache = model(tokens, positions, cache, attend_len)
         picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
         return model.logits(picked)[:, 0], cache
 

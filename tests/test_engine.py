@@ -1,5 +1,6 @@
 """Continuous batching: batch-independent outputs, no compiles after warm-up, no slot leaks."""
 
+import dataclasses
 import random
 import threading
 import time
@@ -80,6 +81,19 @@ def test_prompts_waiting_together_share_one_prefill_call(engine):
     assert together == alone
 
 
+def test_decode_reading_a_short_cache_prefix_gives_the_same_tokens(llm, engine):
+    # 32-, 64- and 128-position prefixes: requests cross from one to the next mid-stream.
+    config = dataclasses.replace(engine.config, min_attend_len=32)
+    assert config.attend_lengths == (32, 64, 128)
+    jobs = [(ids, greedy(128 - len(ids))) for ids in prompts(6, 12)]
+    expected = [engine.submit(ids, params).wait(120).token_ids for ids, params in jobs]
+    windowed = Engine(llm.runner, llm.tokenizer, config).start()
+    try:
+        assert submit_staggered(windowed, jobs, seed=13) == expected
+    finally:
+        windowed.stop()
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     params = [
         SamplingParams(
@@ -105,8 +119,10 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine):
 
 
 def test_no_compilation_after_warm_up(llm):
-    # A fresh engine: the shared one has already served every shape in earlier tests.
-    engine = Engine(llm.runner, llm.tokenizer, llm.engine.config).start()
+    # A fresh engine (the shared one has already served every shape in earlier tests), with
+    # decode steps compiled for several cache prefixes, which the long requests cross.
+    config = dataclasses.replace(llm.engine.config, min_attend_len=32)
+    engine = Engine(llm.runner, llm.tokenizer, config).start()
     compiles = []
 
     def on_event(event, duration, **kwargs):
