@@ -15,9 +15,10 @@ What one run measures, in order:
    ``llm.engine.submit``, greedy, ``ignore_eos``):
    - decode step time at batch 1 (``max_slots=1``, time between first and last token of a
      long output, so prefill is excluded) and MBU = (weight bytes + KV-cache bytes read
-     per step) / step time / read bandwidth. The cache is ``[slots, max_seq_len, K, H]``
-     per layer and decode attention reads every slot's whole row, so that is what is
-     counted; the embedding table is not (decode gathers one row of it);
+     per step) / step time / read bandwidth. KV bytes are counted for the positions the
+     request holds (mean over its output); the engine reads a power-of-two prefix of the
+     cache covering them, the excess is not counted. The embedding table is not counted
+     either (decode gathers one row of it);
    - output tokens/s at each concurrency (all requests submitted at once, ``max_slots`` =
      concurrency, ``max_seq_len`` = prompt + output, a throwaway round first), with TTFT
      and TPOT percentiles;
@@ -25,7 +26,8 @@ What one run measures, in order:
      the same forward with a short cache (attention over the cache), a matvec over every
      weight (what XLA achieves streaming the weights), the engine's host overhead, and the
      XLA ops that take the time (from a ``jax.profiler`` trace); at 32 concurrent, the
-     round split into one-prompt prefills and batched decode steps, each timed bare.
+     round split into batched prefills (as many prompts per call as the engine puts in
+     one) and batched decode steps, each timed bare.
 4. transformers on the same weights (torch float32, one thread per core, greedy
    ``generate`` with ``min_new_tokens = max_new_tokens``): one request at a time (a few
    requests timed, longer queues extrapolated from their mean; the JSON says which), and
@@ -72,6 +74,7 @@ import torch
 import transformers
 
 import jaxllm
+from jaxllm import padding
 from jaxllm.params import named_params
 from jaxllm.tokenizer import byte_level_tokenizer
 
@@ -286,9 +289,11 @@ def engine_round(llm: jaxllm.LLM, prompts: list[list[int]], max_tokens: int) -> 
     )
 
 
-def decode_bytes_per_step(llm: jaxllm.LLM, slots: int, max_seq_len: int) -> dict:
+def decode_bytes_per_step(llm: jaxllm.LLM, slots: int, context: float) -> dict:
     """Bytes one decode step must read: every weight except the embedding table (a gather of
-    one row per slot, unless tied to the head) and every slot's full K and V cache rows."""
+    one row per slot, unless tied to the head) and each slot's K and V for the ``context``
+    positions it holds (the mean over the request: the engine reads a power-of-two prefix
+    covering them, a little more, which is not counted as useful)."""
     cfg = llm.config
     weights = named_params(llm.runner.state)
     weight_bytes = sum(v.get_value().nbytes for v in weights.values())
@@ -296,7 +301,7 @@ def decode_bytes_per_step(llm: jaxllm.LLM, slots: int, max_seq_len: int) -> dict
         weight_bytes -= weights["embed"].get_value().nbytes
         weight_bytes += slots * cfg.hidden_size * weights["embed"].get_value().dtype.itemsize
     itemsize = jnp.dtype(llm.runner.spec.dtype).itemsize
-    cache = 2 * cfg.num_layers * slots * max_seq_len * cfg.num_kv_heads * cfg.head_dim * itemsize
+    cache = 2 * cfg.num_layers * slots * context * cfg.num_kv_heads * cfg.head_dim * itemsize
     return {"weights": weight_bytes, "kv_cache": cache, "total": weight_bytes + cache}
 
 
@@ -307,7 +312,7 @@ def measure_decode_step(llm: jaxllm.LLM, prompt: list[int], args) -> tuple:
     request's tokens."""
     done = engine_round(llm, [prompt], args.decode_tokens)
     step_s = done.tpot_s[0]
-    read = decode_bytes_per_step(llm, 1, llm.max_seq_len)
+    read = decode_bytes_per_step(llm, 1, len(prompt) + args.decode_tokens / 2)
     return {
         "step_ms": step_s * 1e3,
         "bytes_read_per_step": read,
@@ -316,10 +321,13 @@ def measure_decode_step(llm: jaxllm.LLM, prompt: list[int], args) -> tuple:
     }, done.token_ids[0]
 
 
-def bare_forward(llm: jaxllm.LLM, batch: int, tokens: int, cache_len: int) -> Callable:
+def bare_forward(
+    llm: jaxllm.LLM, batch: int, tokens: int, cache_len: int, attend_len: int | None = None
+) -> Callable:
     """A blocking call of the model's jitted forward (one logits row per sequence, cache
-    donated) at [batch, tokens] with a [batch, cache_len] cache: no engine, no sampling.
-    Compiled and run once before it is returned."""
+    donated) at [batch, tokens] with a [batch, cache_len] cache, attention reading its first
+    ``attend_len`` positions (all if None): no engine, no sampling. Compiled and run once
+    before it is returned."""
     runner = llm.runner
     ids = np.zeros((batch, tokens), np.int32)
     # Decode sits at the end of the cache; a prefill starts at position 0.
@@ -329,7 +337,9 @@ def bare_forward(llm: jaxllm.LLM, batch: int, tokens: int, cache_len: int) -> Ca
     box = {"cache": runner.new_cache(batch, cache_len)}
 
     def call():
-        logits, box["cache"] = runner.forward_at(runner.params, ids, positions, box["cache"], last)
+        logits, box["cache"] = runner.forward_at(
+            runner.params, ids, positions, box["cache"], last, attend_len
+        )
         logits.block_until_ready()
 
     call()
@@ -402,7 +412,9 @@ def profile_decode_step(llm: jaxllm.LLM, args, engine_step_ms: float, read: dict
     a short one (the difference is attention over the cache), the weight-streaming floor,
     and the XLA ops of the bare forward. Uses the runner of a closed engine."""
     short = args.prompt_len
-    full_call = bare_forward(llm, 1, 1, llm.max_seq_len)
+    # The prefix the engine reads in the middle of the request.
+    attend_len = llm.engine.config.attend_len_for(args.prompt_len + args.decode_tokens // 2)
+    full_call = bare_forward(llm, 1, 1, llm.max_seq_len, attend_len)
     matvec_call, matvec_bytes = weight_matvec(llm)
     calls = {
         "bare_forward": full_call,
@@ -426,20 +438,24 @@ def profile_decode_step(llm: jaxllm.LLM, args, engine_step_ms: float, read: dict
 
 
 def profile_batched_round(llm: jaxllm.LLM, concurrency: int, args, best: Round) -> dict:
-    """Splits a round's wall time into prefills (one prompt per call, as the engine runs
-    them) and decode steps over all slots, each timed bare, to compare with the engine."""
+    """Splits a round's wall time into prefills (as many prompts per call as the engine
+    batches) and decode steps over all slots, each timed bare, to compare with the engine."""
+    config = llm.engine.config
+    rows = config.prefill_rows(padding.bucket_for(args.prompt_len, config.buckets))
     calls = {
-        "prefill_one_prompt": bare_forward(llm, 1, args.prompt_len, args.prompt_len),
+        "prefill_call": bare_forward(llm, rows, args.prompt_len, args.prompt_len),
         "decode_step": bare_forward(llm, concurrency, 1, llm.max_seq_len),
     }
     with noise_meter() as noise:
         ms = interleaved_ms(calls, 3)
-    prefill, step = ms["prefill_one_prompt"]["best"], ms["decode_step"]["best"]
-    predicted_s = (concurrency * prefill + (args.output_len - 1) * step) / 1e3
+    prefill, step = ms["prefill_call"]["best"], ms["decode_step"]["best"]
+    prefill_calls = -(-concurrency // rows)
+    predicted_s = (prefill_calls * prefill + (args.output_len - 1) * step) / 1e3
     return {
         "bare_ms": ms,
+        "prompts_per_prefill_call": rows,
         "engine_tpot_p50_ms": float(np.median(best.tpot_s)) * 1e3,
-        "prefills_share_of_predicted": concurrency * prefill / 1e3 / predicted_s,
+        "prefills_share_of_predicted": prefill_calls * prefill / 1e3 / predicted_s,
         "predicted_wall_s": predicted_s,
         "measured_wall_s": best.wall_s,
         "noise": dataclasses.asdict(noise),
@@ -727,9 +743,9 @@ def print_report(results: dict, args) -> None:
         if p:
             bare = p["bare_ms"]
             print(
-                f"at {c} concurrent: bare prefill of one prompt "
-                f"{bare['prefill_one_prompt']['best']:.0f} ms x {c} (the engine prefills one "
-                f"prompt per call) + bare decode step "
+                f"at {c} concurrent: bare prefill call of {p['prompts_per_prefill_call']} "
+                f"prompts {bare['prefill_call']['best']:.0f} ms x "
+                f"{-(-c // p['prompts_per_prefill_call'])} + bare decode step "
                 f"{bare['decode_step']['best']:.0f} ms (engine TPOT p50 "
                 f"{p['engine_tpot_p50_ms']:.0f} ms); prefills are "
                 f"{p['prefills_share_of_predicted']:.0%} of a predicted {p['predicted_wall_s']:.1f}"
