@@ -61,90 +61,107 @@ class _Switch(pb_grpc.LLMServicer):
         return await (await self._ready(context)).GetStats(request, context)
 
 
+class Server:
+    """One server: ``start`` binds (health NOT_SERVING), ``load`` brings the model up (health
+    SERVING), ``drain`` shuts down gracefully. ``serve`` runs the three for the CLI."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.token = load_token(config)
+        self.metrics = Metrics()
+        self.health = health_aio.HealthServicer()
+        self.switch = _Switch()
+        self.llm: LLM | None = None
+        self.admission: Admission | None = None
+        self.port = self.metrics_port = None
+        self._watcher: asyncio.Future | None = None
+        limits = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        interceptors = [BearerTokenInterceptor(self.token)] if self.token else []
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=limits)
+        pb_grpc.add_LLMServicer_to_server(self.switch, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (SERVICE, health_name, reflection.SERVICE_NAME), self.grpc
+        )
+
+    async def start(self) -> None:
+        config = self.config
+        await _set_health(self.health, _NOT_SERVING)
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
+        await self.grpc.start()
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
+        log.info(
+            "listening on %s:%d (%s, %s), metrics on port %s; loading the model",
+            config.host,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            "bearer-token auth" if self.token else "no auth",
+            self.metrics_port,
+        )
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.llm = await loop.run_in_executor(None, _load, self.config, self.metrics)
+        self.admission = Admission(self.llm.engine.config.max_slots, self.config.max_queue)
+        self.metrics.watch(self.llm.engine, self.admission)
+        self.switch.target = LLMServicer(self.llm, self.config, self.admission, self.metrics)
+        await _set_health(self.health, _SERVING)
+        self._watcher = asyncio.ensure_future(_watch_engine(self.llm, self.health))
+
+    async def drain(self) -> None:
+        """Stops admitting, lets running streams finish (up to drain_timeout_s), stops."""
+        await _set_health(self.health, _NOT_SERVING)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.admission is not None:
+            log.info("draining: %d requests in flight", self.admission.in_flight)
+            self.admission.drain()
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            while self.admission.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.admission.in_flight:
+                log.warning("cancelling %d requests still running", self.admission.in_flight)
+        # Whatever still runs is cancelled here; Health.Watch streams end here too.
+        await self.grpc.stop(grace=1.0)
+        if self.llm is not None:
+            self.llm.close()
+        log.info("stopped")
+
+
 async def serve(config: ServeConfig) -> int:
     """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    token = load_token(config)
-    limits = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
-    ]
-    interceptors = [BearerTokenInterceptor(token)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=limits)
-    switch = _Switch()
-    pb_grpc.add_LLMServicer_to_server(switch, server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    await _set_health(health, _NOT_SERVING)
-    address = f"{config.host}:{config.port}"
-    credentials = server_credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    server = Server(config)
     await server.start()
-    metrics = Metrics()
-    if config.metrics_port is not None:
-        metrics_port = metrics.serve_http(config.host, config.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
-    log.info(
-        "listening on %s:%d (%s, %s); loading the model",
-        config.host,
-        port,
-        "TLS" if credentials else "plaintext",
-        "bearer-token auth" if token else "no auth",
-    )
-
+    # Machine-readable lines (tests and scripts read the ports when 0 asked for any).
+    print(f"jaxllm: listening on {config.host}:{server.port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"jaxllm: metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
     started = time.perf_counter()
-    load = loop.run_in_executor(None, _load, config, metrics)
-    done, _ = await asyncio.wait(
-        [load, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
-    )
-    if load not in done:  # stopped while loading: nothing to drain
-        log.info("stopped before the model was ready")
-        await server.stop(grace=0)
-        llm = await load
-        llm.close()
-        return 0
-    llm = load.result()
-    admission = Admission(llm.engine.config.max_slots, config.max_queue)
-    metrics.watch(llm.engine, admission)
-    switch.target = LLMServicer(llm, config, admission, metrics)
-    await _set_health(health, _SERVING)
-    log.info("ready in %.1f s: serving %s", time.perf_counter() - started, llm.name)
-    print(f"jaxllm: serving {llm.name} on {config.host}:{port}", flush=True)
-
-    watcher = asyncio.ensure_future(_watch_engine(llm, health))
-    await stop.wait()
-    watcher.cancel()
-    log.info("draining: %d requests in flight", admission.in_flight)
-    await _set_health(health, _NOT_SERVING)
-    admission.drain()
-    deadline = time.monotonic() + config.drain_timeout_s
-    while admission.in_flight and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    if admission.in_flight:
-        log.warning(
-            "cancelling %d requests still running after %.0f s",
-            admission.in_flight,
-            config.drain_timeout_s,
-        )
-    # The remaining streams are cancelled; Health.Watch streams end here too.
-    await server.stop(grace=1.0)
-    llm.close()
-    log.info("stopped")
+    load = asyncio.ensure_future(server.load())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        await load  # raises if loading failed
+        log.info("ready in %.1f s", time.perf_counter() - started)
+        print(f"jaxllm: serving {server.llm.name} on {config.host}:{server.port}", flush=True)
+        await stopped
+    else:
+        await asyncio.wait([load])  # the loading thread cannot be interrupted
+    await server.drain()
     return 0
 
 

@@ -1,0 +1,272 @@
+"""The gRPC server end to end: a real ``jaxllm serve`` process, real channels, real model."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import jax
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+import jaxllm
+from serve.client import AsyncClient, Client, generate_request
+from serve.proto import jaxllm_pb2 as pb
+from serve.proto import jaxllm_pb2_grpc as pb_grpc
+from server_process import REPO, ServerProcess, health, write_model
+from sharding import make_mesh
+
+SLOTS, QUEUE, CONTEXT = 8, 56, 128
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("serve_model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    args = ["--model", str(model_path), "--metrics-port", "0", "--max-slots", str(SLOTS)]
+    args += ["--max-queue", str(QUEUE), "--max-seq-len", str(CONTEXT)]
+    proc = ServerProcess(args, tmp_path_factory.mktemp("serve_log") / "server.log")
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            proc.wait_ready(channel)
+        yield proc
+    finally:
+        code = proc.terminate()
+        assert code == 0, proc.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """The notebook API on the same model and the same single-device layout as the server."""
+    mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
+    with jaxllm.LLM.load(
+        model_path, mesh=mesh, max_slots=SLOTS, max_seq_len=CONTEXT, warm_up=False
+    ) as llm:
+        yield llm
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.target) as c:
+        yield c
+        _wait_idle(c)
+
+
+def _wait_idle(client: Client, timeout: float = 30) -> pb.ServerStats:
+    """Until no request holds a slot or a queue place (slots free at the engine's next step)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = client.stats()
+        if stats.slots_in_use == 0 and stats.in_flight == 0 and stats.queue_depth == 0:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server still busy after {timeout} s: {stats}")
+        time.sleep(0.05)
+
+
+def _metrics(server) -> dict[str, float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.MULTILINE)
+    }
+
+
+def _prompts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = "the quick brown fox jumps over lazy dogs while jax compiles".split()
+    return [" ".join(rng.choices(words, k=rng.randrange(1, 12))) for _ in range(n)]
+
+
+async def _gather_streams(target, jobs):
+    async with AsyncClient(target) as client:
+        return await asyncio.gather(*(client.generate(p, **kw) for p, kw in jobs))
+
+
+def test_64_concurrent_streams_match_llm_generate(server, reference, client):
+    rng = random.Random(0)
+    jobs = [
+        (p, dict(max_tokens=rng.randrange(4, 24), temperature=0.0, ignore_eos=rng.random() < 0.5))
+        for p in _prompts(64, 1)
+    ]
+    got = asyncio.run(_gather_streams(server.target, jobs))
+    for (prompt, kw), result in zip(jobs, got, strict=True):
+        want = reference.generate(prompt, **kw)
+        assert result.token_ids == want.token_ids, prompt
+        assert result.text == want.text
+        assert result.finish_reason == want.finish_reason
+        assert result.prompt_tokens == len(want.prompt_token_ids)
+        assert result.completion_tokens == len(want.token_ids)
+    assert any(r.finish_reason == "length" for r in got)
+
+
+def test_token_ids_in_and_text_out(server, reference, client):
+    ids = [256, 72, 101, 108, 108, 111]
+    result = client.generate(ids, max_tokens=10, temperature=0.0, ignore_eos=True)
+    want = reference.generate(ids, max_tokens=10, temperature=0.0, ignore_eos=True)
+    assert result.token_ids == want.token_ids and result.text == want.text
+    assert client.tokenize("Hello") == reference.tokenizer.encode("Hello")
+
+
+async def _cancel_half(target):
+    async with AsyncClient(target) as client:
+
+        async def run(i):
+            stream = client.generate_stream(
+                f"cancel {i}", max_tokens=100, temperature=0.0, ignore_eos=True
+            )
+            tokens = 0
+            async for message in stream:
+                tokens += len(message.token_ids)
+                if i % 2 == 0 and tokens >= 3:
+                    await stream.aclose()  # hang up mid-way: the call is cancelled
+                    return "cancelled", tokens
+            return message.finish_reason, tokens
+
+        return await asyncio.gather(*(run(i) for i in range(24)))
+
+
+def test_cancelling_half_the_streams_frees_their_slots(server, client):
+    before = _metrics(server)
+    outcomes = asyncio.run(_cancel_half(server.target))
+    assert [o for o, _ in outcomes[1::2]] == ["length"] * 12
+    assert all(n == 100 for _, n in outcomes[1::2])
+    assert all(o == "cancelled" and n < 100 for o, n in outcomes[::2])
+    _wait_idle(client)
+    after = _metrics(server)
+    assert after["jaxllm_slots_in_use"] == 0 and after["jaxllm_queue_depth"] == 0
+    cancelled = 'jaxllm_requests_total{outcome="cancelled"}'
+    assert after[cancelled] - before[cancelled] == 12
+    # And it keeps serving.
+    assert client.generate("after", max_tokens=5, temperature=0.0, ignore_eos=True).token_ids
+
+
+def test_deadline_cancels_the_request_and_frees_the_slot(server, client):
+    key = 'jaxllm_requests_total{outcome="deadline_exceeded"}'
+    before = _metrics(server)[key]
+    # 120 decode steps take far longer than 50 ms on CPU (about 2 ms each here).
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate("slow", max_tokens=120, ignore_eos=True, timeout=0.05)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_idle(client, timeout=10)
+    assert _metrics(server)[key] == before + 1  # the server saw it too
+
+
+async def _burst(target, n):
+    async with AsyncClient(target) as client:
+
+        async def one(i):
+            start = time.perf_counter()
+            try:
+                result = await client.generate(
+                    f"burst {i}", max_tokens=60, temperature=0.0, ignore_eos=True
+                )
+                return "ok", len(result.token_ids), time.perf_counter() - start
+            except grpc.aio.AioRpcError as e:
+                return e.code(), e.details(), time.perf_counter() - start
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_a_burst_beyond_capacity_is_refused_at_once(server, client):
+    results = asyncio.run(_burst(server.target, 100))
+    ok = [r for r in results if r[0] == "ok"]
+    refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(ok) + len(refused) == 100, {r[0] for r in results}
+    assert len(refused) >= 100 - SLOTS - QUEUE
+    assert len(ok) >= SLOTS + QUEUE - 8  # some may arrive after others finished: fine
+    assert all(n == 60 for _, n, _ in ok)
+    assert all("capacity" in detail for _, detail, _ in refused)
+    slowest_refusal = max(t for *_, t in refused)
+    assert slowest_refusal < min(t for *_, t in ok), "refusals must not wait for the work"
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, code, field",
+    [
+        (dict(prompt=""), "INVALID_ARGUMENT", "prompt"),
+        (dict(prompt="x" * 200), "INVALID_ARGUMENT", "more than the maximum of 127"),
+        (dict(prompt="a", token_ids=[1]), "INVALID_ARGUMENT", "not both"),
+        (dict(token_ids=[5, 999]), "INVALID_ARGUMENT", "token_ids"),
+        (dict(prompt="a", max_tokens=-1), "INVALID_ARGUMENT", "sampling.max_tokens"),
+        (dict(prompt="x" * 100, max_tokens=50), "INVALID_ARGUMENT", "lower max_tokens"),
+        (dict(prompt="a", temperature=-1.0), "INVALID_ARGUMENT", "sampling.temperature"),
+        (dict(prompt="a", temperature=float("nan")), "INVALID_ARGUMENT", "sampling.temperature"),
+        (dict(prompt="a", top_p=0.0), "INVALID_ARGUMENT", "sampling.top_p"),
+        (dict(prompt="a", top_k=-3), "INVALID_ARGUMENT", "sampling.top_k"),
+        (dict(prompt="a", min_p=2.0), "INVALID_ARGUMENT", "sampling.min_p"),
+        (dict(prompt="a", seed=2**64 - 1), "INVALID_ARGUMENT", "sampling.seed"),
+        (dict(prompt="a", stop=[""]), "INVALID_ARGUMENT", "sampling.stop"),
+        (dict(prompt="a", stop_token_ids=[-1]), "INVALID_ARGUMENT", "sampling.stop_token_ids"),
+        (dict(prompt="a", num_logprobs=2), "UNIMPLEMENTED", "sampling.num_logprobs"),
+    ],
+)
+def test_bad_requests_name_the_field(server, request_kwargs, code, field):
+    kwargs = dict(request_kwargs)
+    request = pb.GenerateRequest(
+        prompt=kwargs.pop("prompt", ""),
+        token_ids=kwargs.pop("token_ids", []),
+        sampling=pb.SamplingParams(**kwargs),
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.LLMStub(channel).Generate(request, timeout=10))
+    assert e.value.code().name == code
+    assert field in e.value.details()
+
+
+def test_health_reflection_and_model_info(server, client, reference):
+    with grpc.insecure_channel(server.target) as channel:
+        assert health(channel) == "SERVING"
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "jaxllm.v1.LLM" in services and "grpc.health.v1.Health" in services
+    info = client.model_info()
+    assert info.max_context == CONTEXT and info.max_prompt_tokens == CONTEXT - 1
+    assert info.vocab_size == reference.config.vocab_size == 320
+    assert info.architecture == "LlamaForCausalLM" and info.dtype == "float32"
+    assert info.max_slots == SLOTS and info.max_queue == QUEUE
+    assert info.num_params == reference.config.num_params
+
+
+def test_metrics_cover_latency_tokens_and_start_up(server, client):
+    client.generate("metrics", max_tokens=8, temperature=0.0, ignore_eos=True)
+    m = _metrics(server)
+    assert m["jaxllm_time_to_first_token_seconds_count"] >= 1
+    assert m["jaxllm_time_per_output_token_seconds_count"] >= 1
+    assert m["jaxllm_inter_token_latency_seconds_count"] >= 7
+    assert m["jaxllm_output_tokens_sum"] >= 8 and m["jaxllm_prompt_tokens_count"] >= 1
+    assert m["jaxllm_model_load_seconds"] > 0 and m["jaxllm_warm_up_seconds"] > 0
+    assert m['jaxllm_requests_total{outcome="ok"}'] >= 1
+    assert m['jaxllm_requests_total{outcome="invalid"}'] >= 1  # from the bad-request tests
+
+
+def test_cli_generate_streams_from_the_server(server, reference):
+    out = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "generate", "--server", server.target]
+        + ["--max-tokens", "12", "Hello there"],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    want = reference.generate("Hello there", max_tokens=12, temperature=0.0)
+    assert out.stdout.decode(errors="replace") == ("Hello there" + want.text).encode().decode(
+        errors="replace"
+    )
+    assert f"{len(want.token_ids)} tokens" in out.stderr.decode()
+
+
+def test_generate_request_helper_rejects_unknown_options():
+    with pytest.raises(TypeError, match="temprature"):
+        generate_request("x", temprature=0.5)
