@@ -16,6 +16,8 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxllm
 from serve.client import AsyncClient, Client, generate_request
@@ -224,6 +226,95 @@ def test_bad_requests_name_the_field(server, request_kwargs, code, field):
             list(pb_grpc.LLMStub(channel).Generate(request, timeout=10))
     assert e.value.code().name == code
     assert field in e.value.details()
+
+
+_int32 = st.one_of(st.integers(-3, 330), st.integers(-(2**31), 2**31 - 1))
+_float32 = st.one_of(
+    st.sampled_from([0.0, 1e-9, 0.5, 1.0, 2.0, 100.0, 101.0, -0.0, -1.0]),
+    st.floats(width=32),  # NaN, infinities, subnormals, huge values
+)
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)  # valid UTF-8 only
+
+
+_FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
+_FIELDS += ("stop_token_ids", "num_logprobs", "request_id")
+
+
+@st.composite
+def _generate_requests(draw):
+    """Mostly well-formed requests with none, one or every field drawn from the wild: all
+    wild would almost never get past validation, so OK would go untested."""
+    mode = draw(st.sampled_from(["valid", "one_wild", "one_wild", "wild"]))
+    odd = draw(st.sampled_from(_FIELDS)) if mode == "one_wild" else None
+
+    def pick(name, valid, wild):
+        return draw(wild if mode == "wild" or name == odd else valid)
+
+    optional_float = st.none() | _float32
+    sampling = pb.SamplingParams(
+        max_tokens=pick("max_tokens", st.integers(0, 40), st.integers(-2, 140) | _int32),
+        top_k=pick("top_k", st.integers(0, 400), _int32),
+        min_p=pick("min_p", st.floats(0, 1, width=32), _float32),
+        stop=pick("stop", st.lists(st.text(min_size=1, max_size=3), max_size=2), st.lists(_text)),
+        stop_token_ids=pick(
+            "stop_token_ids",
+            st.lists(st.integers(0, 319), max_size=3),
+            st.lists(_int32, max_size=70),
+        ),
+        ignore_eos=draw(st.booleans()),
+        num_logprobs=pick("num_logprobs", st.just(0), st.integers(-2, 2)),
+    )
+    temperature = pick("temperature", st.none() | st.floats(0, 2, width=32), optional_float)
+    top_p = pick("top_p", st.none() | st.floats(0.125, 1, width=32), optional_float)
+    seed = pick("seed", st.none() | st.integers(0, 2**63 - 1), st.integers(0, 2**64 - 1))
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, name, value)
+    valid_prompt = st.one_of(
+        st.tuples(_text.filter(bool).map(lambda t: t[:60]), st.just([])),
+        st.tuples(st.just(""), st.lists(st.integers(0, 319), min_size=1, max_size=60)),
+    )
+    wild_prompt = st.tuples(st.just("") | _text, st.just([]) | st.lists(_int32, max_size=140))
+    prompt, token_ids = pick("prompt", valid_prompt, wild_prompt)
+    request_id = pick("request_id", st.just("") | st.text(max_size=20), _text)
+    return pb.GenerateRequest(
+        prompt=prompt, token_ids=token_ids, sampling=sampling, request_id=request_id
+    )
+
+
+_CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,  # num_logprobs > 0
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def test_fuzzed_requests_get_ok_or_a_client_error_and_the_server_stays_healthy(server):
+    seen = set()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.LLMStub(channel)
+
+        @settings(max_examples=100, deadline=None, database=None)
+        @given(_generate_requests())
+        def check(request):
+            try:
+                messages = list(stub.Generate(request, timeout=60))
+            except grpc.RpcError as e:
+                assert e.code() in _CLIENT_ERRORS, (e.code(), e.details(), request)
+                seen.add(e.code())
+                return
+            seen.add(grpc.StatusCode.OK)
+            last = messages[-1]
+            assert last.finish_reason in ("stop", "length")
+            assert last.usage.completion_tokens == sum(len(m.token_ids) for m in messages)
+            assert all(not m.finish_reason for m in messages[:-1])
+
+        check()
+        assert health(channel) == "SERVING"
+    # The fuzzer reached both sides of validation.
+    assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
+    with Client(server.target) as client:
+        _wait_idle(client)
 
 
 def test_health_reflection_and_model_info(server, client, reference):
