@@ -16,7 +16,9 @@ runs noisy); the best throughput round of each is reported. Reported: output tok
 TTFT, TPOT (per request: (last - first token) / (n - 1)) and ITL (gaps between token
 arrivals; a message carrying k tokens counts its gap / k, k times) p50/p99, errors, the
 gRPC / in-process throughput ratio and the latency per token that gRPC adds (TPOT
-difference of the medians). Writes ``OUT/bench_serving.json`` and ``OUT/bench_serving.png``.
+difference of the medians), and the CPU each run costs per output token (this process plus
+the server process), which a machine shared with other work skews less.
+Writes ``OUT/bench_serving.json`` and ``OUT/bench_serving.png``.
 
     python scripts/bench_serving.py [--model DIR] [--concurrency 32] [--rate R]
         [--requests 128] [--prompt-len 32] [--max-tokens 128] [--max-slots 32] [--out out]
@@ -193,10 +195,31 @@ async def run_grpc(target: str, prompts, args) -> dict:
         return summarize(records, time.perf_counter() - t0, errors[0])
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of this process (pid None) or another one, all threads."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(run, server_pid: int | None = None) -> dict:
+    """Runs ``run()`` and adds the CPU it cost (this process + the server), per output token:
+    on a machine shared with other work this is steadier than throughput."""
+    before = cpu_seconds(), cpu_seconds(server_pid) if server_pid else 0.0
+    summary = run()
+    own = cpu_seconds() - before[0]
+    server = cpu_seconds(server_pid) - before[1] if server_pid else 0.0
+    summary["cpu_s"] = {"this_process": own, "server": server}
+    summary["cpu_ms_per_token"] = 1e3 * (own + server) / max(summary["output_tokens"], 1)
+    return summary
+
+
 def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--no-metrics"]
     command += ["--max-slots", str(args.max_slots), "--max-seq-len", str(args.max_seq_len)]
-    command += ["--max-queue", str(args.requests)]
+    command += ["--max-queue", str(args.requests), "--stream-interval", str(args.stream_interval)]
     if args.model:
         command += ["--model", args.model]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -249,6 +272,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-slots", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--stream-interval", type=int, default=1, help="server's, see serve")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
     args.max_seq_len = args.prompt_len + args.max_tokens
@@ -263,11 +287,15 @@ def main() -> int:
     try:
         asyncio.run(run_grpc(target, prompts[: args.max_slots], args))  # throwaway
         for r in range(args.rounds):
-            rounds["in_process"].append(run_in_process(llm, prompts, args))
-            rounds["grpc"].append(asyncio.run(run_grpc(target, prompts, args)))
+            rounds["in_process"].append(measured(lambda: run_in_process(llm, prompts, args)))
+            rounds["grpc"].append(
+                measured(lambda: asyncio.run(run_grpc(target, prompts, args)), proc.pid)
+            )
+            a, b = rounds["in_process"][-1], rounds["grpc"][-1]
             print(
-                f"round {r}: in-process {rounds['in_process'][-1]['tokens_per_s']:.0f} tok/s, "
-                f"gRPC {rounds['grpc'][-1]['tokens_per_s']:.0f} tok/s",
+                f"round {r}: in-process {a['tokens_per_s']:.0f} tok/s "
+                f"({a['cpu_ms_per_token']:.3f} CPU ms/token), gRPC {b['tokens_per_s']:.0f} tok/s "
+                f"({b['cpu_ms_per_token']:.3f} CPU ms/token)",
                 flush=True,
             )
     finally:
@@ -279,7 +307,8 @@ def main() -> int:
     result = {
         "workload": (
             f"{args.requests} requests, {load}, prompt {args.prompt_len}, "
-            f"output {args.max_tokens} tokens, {args.max_slots} slots, model {llm.name}"
+            f"output {args.max_tokens} tokens, {args.max_slots} slots, model {llm.name}, "
+            f"stream_interval {args.stream_interval}"
         ),
         "args": vars(args),
         **best,
@@ -287,6 +316,8 @@ def main() -> int:
         "added_latency_per_token_s": best["grpc"]["tpot_s"]["p50"]
         - best["in_process"]["tpot_s"]["p50"],
         "rounds_tokens_per_s": {k: [s["tokens_per_s"] for s in v] for k, v in rounds.items()},
+        "added_cpu_ms_per_token": best["grpc"]["cpu_ms_per_token"]
+        - best["in_process"]["cpu_ms_per_token"],
     }
     plot(result, out / "bench_serving.png")
     clean = {
@@ -299,7 +330,8 @@ def main() -> int:
     print(json.dumps({k: clean[k] for k in ("workload", "in_process", "grpc")}, indent=2))
     print(
         f"gRPC / in-process throughput: {result['throughput_ratio']:.3f}; "
-        f"added latency per token: {result['added_latency_per_token_s'] * 1e3:.3f} ms"
+        f"added latency per token: {result['added_latency_per_token_s'] * 1e3:.3f} ms; "
+        f"added CPU per token: {result['added_cpu_ms_per_token']:.3f} ms"
     )
     return 0
 

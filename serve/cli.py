@@ -33,6 +33,7 @@ def _serve(args) -> int:
         name: getattr(args, name)
         for name in ("model", "mesh", "dtype", "rules", "host", "port", "metrics_port")
         + ("max_queue", "tls_cert", "tls_key", "auth_token_file", "drain_timeout_s")
+        + ("stream_interval",)
         if getattr(args, name) is not None
     }
     if args.no_metrics:
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prompt-len", type=int, help="longest prompt in tokens")
     srv.add_argument("--steps-per-call", type=int, help="decode steps per device call")
     srv.add_argument("--max-queue", type=int, help="requests waiting beyond the slots")
+    srv.add_argument("--stream-interval", type=int, help="tokens per message after the first")
     srv.add_argument("--drain-timeout-s", type=float, help="grace for streams on SIGTERM")
     srv.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: TLS on)")
     srv.add_argument("--tls-key", help="PEM private key")

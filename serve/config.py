@@ -30,6 +30,9 @@ class ServeConfig:
     # Requests admitted beyond the busy slots; one more is answered RESOURCE_EXHAUSTED.
     max_queue: int = 64
     default_max_tokens: int = 16
+    # Tokens per streamed message after the first (the last message may carry fewer). 1 sends
+    # every token at once; more cut per-message gRPC cost at some smoothness.
+    stream_interval: int = 1
     # On SIGTERM/SIGINT, in-flight streams get this long to finish before they are cancelled.
     drain_timeout_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
@@ -47,6 +50,8 @@ class ServeConfig:
         EngineConfig(**self.engine)  # raises on unknown or invalid engine fields
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.max_queue < 0 or self.default_max_tokens < 1 or self.drain_timeout_s < 0:
             raise ValueError("max_queue, default_max_tokens and drain_timeout_s must be >= 0/1/0")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -1,17 +1,21 @@
-"""Server security and lifecycle on a real process: bearer-token auth over TLS, then a
-graceful SIGTERM under load."""
+"""Server security and lifecycle: bearer-token auth over TLS and a graceful SIGTERM under load
+(on a real server process), and an engine failure (on a server in this process, so the test
+can break its engine for real)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import subprocess
+import threading
 import time
 
 import grpc
 import pytest
 
 from serve.client import AsyncClient, Client
+from serve.config import ServeConfig
+from serve.server import Server
 from server_process import ServerProcess, write_model
 
 TOKEN = "s3cret-token-for-tests"
@@ -33,8 +37,12 @@ def tls_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tls_files):
-    model = write_model(tmp_path_factory.mktemp("lifecycle_model"))
+def model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("lifecycle_model"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tls_files, model):
     key, cert = tls_files
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
@@ -123,3 +131,83 @@ def test_sigterm_drains_running_streams_and_exits_0(server, tls_files):
     assert results == [(110, "length")] * 16
     assert server.wait(60) == 0, server.log()[-2000:]
     assert "cancelling" not in server.log()  # nothing had to be cut off
+
+
+class _ServerThread:
+    """A ``Server`` on an asyncio loop in a thread of this process."""
+
+    def __init__(self, config: ServeConfig):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def make():
+            return Server(config)
+
+        self.server = self.call(make())
+        self.call(self.server.start())
+        self.call(self.server.load())
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def call(self, coro, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.call(self.server.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+async def _streams_then_break(target, engine):
+    async with AsyncClient(target) as client:
+        streams = [
+            client.generate_stream(f"f{i}", max_tokens=110, temperature=0.0, ignore_eos=True)
+            for i in range(4)
+        ]
+        for stream in streams:  # every request holds a slot and is decoding
+            await anext(stream)
+        # A real failure inside the running engine: its weights lose an array, so the next
+        # decode step raises in the engine thread (as a device or compiler error would).
+        engine.runner.params = engine.runner.params[:-1]
+
+        async def finish(stream):
+            try:
+                async for _ in stream:
+                    pass
+                return "OK"
+            except grpc.aio.AioRpcError as e:
+                return e.code(), e.details()
+
+        ends = await asyncio.wait_for(asyncio.gather(*(finish(s) for s in streams)), 30)
+        for _ in range(100):
+            if await client.health() == "NOT_SERVING":
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await client.generate("after", max_tokens=2, timeout=10)
+            after = "OK"
+        except grpc.aio.AioRpcError as e:
+            after = e.code(), e.details()
+        return ends, await client.health(), after
+
+
+def test_an_engine_failure_fails_streams_clearly_and_flips_health(model):
+    config = ServeConfig(
+        model=str(model),
+        mesh="data=2,tensor=4",  # this process has 8 fake devices
+        engine={"max_slots": 4, "max_seq_len": 128},
+        port=0,
+        metrics_port=None,
+        drain_timeout_s=0,
+    )
+    server = _ServerThread(config)
+    try:
+        ends, status, after = asyncio.run(
+            _streams_then_break(server.target, server.server.llm.engine)
+        )
+    finally:
+        server.close()
+    for end in ends:
+        assert end[0] == grpc.StatusCode.UNAVAILABLE and "engine failed" in end[1], end
+    assert status == "NOT_SERVING"
+    assert after[0] == grpc.StatusCode.UNAVAILABLE and "engine failed" in after[1], after
