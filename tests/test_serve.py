@@ -171,8 +171,9 @@ async def _burst(target, n):
         async def one(i):
             start = time.perf_counter()
             try:
+                # Long enough (110 decode steps) that few requests end while the burst arrives.
                 result = await client.generate(
-                    f"burst {i}", max_tokens=60, temperature=0.0, ignore_eos=True
+                    f"b{i}", max_tokens=110, temperature=0.0, ignore_eos=True
                 )
                 return "ok", len(result.token_ids), time.perf_counter() - start
             except grpc.aio.AioRpcError as e:
@@ -182,16 +183,18 @@ async def _burst(target, n):
 
 
 def test_a_burst_beyond_capacity_is_refused_at_once(server, client):
-    results = asyncio.run(_burst(server.target, 100))
+    results = asyncio.run(_burst(server.target, 120))
     ok = [r for r in results if r[0] == "ok"]
     refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert len(ok) + len(refused) == 100, {r[0] for r in results}
-    assert len(refused) >= 100 - SLOTS - QUEUE
-    assert len(ok) >= SLOTS + QUEUE - 8  # some may arrive after others finished: fine
-    assert all(n == 60 for _, n, _ in ok)
+    assert len(ok) + len(refused) == 120, {r[0] for r in results}
+    # Nothing is refused before slots + queue are full; after that only places freed by
+    # finished requests (a wave of SLOTS, at most, while the burst arrives) admit more.
+    assert len(ok) >= SLOTS + QUEUE
+    assert len(refused) >= 120 - SLOTS - QUEUE - SLOTS
+    assert all(n == 110 for _, n, _ in ok)
     assert all("capacity" in detail for _, detail, _ in refused)
-    slowest_refusal = max(t for *_, t in refused)
-    assert slowest_refusal < min(t for *_, t in ok), "refusals must not wait for the work"
+    ok_times = sorted(t for *_, t in ok)
+    assert max(t for *_, t in refused) < ok_times[len(ok_times) // 2], "refusals must not wait"
 
 
 @pytest.mark.parametrize(
