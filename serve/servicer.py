@@ -32,9 +32,9 @@ class _Waker:
     """Wakes asyncio handlers from the engine's threads with one loop callback per burst.
 
     The detokenizer pushes a token to every running request per step; a
-    ``call_soon_threadsafe`` each would cost a self-pipe write and a GIL hand-off per token
-    (about a third of a 32-stream server's throughput, measured). Events marked while a
-    flush is pending ride along with it.
+    ``call_soon_threadsafe`` each would cost a self-pipe write and a loop wake-up per token
+    and stream, all CPU taken from the model on a host that also computes. Events marked
+    while a flush is pending ride along with it.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
