@@ -364,3 +364,12 @@ def test_cli_generate_streams_from_the_server(server, reference):
 def test_generate_request_helper_rejects_unknown_options():
     with pytest.raises(TypeError, match="temprature"):
         generate_request("x", temprature=0.5)
+
+
+def test_oversized_messages_are_refused_by_the_transport(server, client):
+    request = pb.GenerateRequest(prompt="x" * (5 * 1024 * 1024))  # over the 4 MiB default
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.LLMStub(channel).Generate(request, timeout=30))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.generate("small", max_tokens=2, temperature=0.0).completion_tokens >= 1
