@@ -28,7 +28,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -118,7 +118,14 @@ class DecodeState(NamedTuple):
 class Request:
     """A submitted request: iterate it for text pieces; ``cancel()`` frees its slot."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], output: RequestOutput, seed: int):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        output: RequestOutput,
+        seed: int,
+        on_update: Callable[[], None] | None = None,
+    ):
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.output = output
@@ -130,6 +137,9 @@ class Request:
         self._pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._done = threading.Event()
         self.error: BaseException | None = None
+        # Called from the engine's threads after every new token and at the finish, so an
+        # asyncio server can be woken (loop.call_soon_threadsafe) instead of polling.
+        self._on_update = on_update
 
     @property
     def done(self) -> bool:
@@ -165,6 +175,8 @@ class Request:
             self._pieces.put(piece)
         if self.output.finished:
             self._finish(self.output.finish_reason)
+        else:
+            self._notify()
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self._done.is_set():
@@ -175,6 +187,14 @@ class Request:
         self.finished_at = time.perf_counter()
         self._done.set()
         self._pieces.put(None)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._on_update is not None:
+            try:
+                self._on_update()
+            except Exception:  # a listener's bug must not take the engine thread down
+                log.exception("on_update of request %s failed", self.id)
 
 
 class _Handoff(NamedTuple):
@@ -276,9 +296,14 @@ class Engine:
         self._fail(RuntimeError("engine stopped"), record=False)
 
     def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        on_update: Callable[[], None] | None = None,
     ) -> Request:
-        """Queues a request; raises ValueError at once for input that cannot be served."""
+        """Queues a request; raises ValueError at once for input that cannot be served.
+        ``on_update`` is called (from an engine thread) after each new token and at the end."""
         prompt_ids = self.check(prompt_ids, params)
         if self.failure is not None:
             raise RuntimeError(f"engine failed: {self.failure}")
@@ -286,7 +311,8 @@ class Engine:
             raise RuntimeError("engine is stopped")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         output = RequestOutput(self.tokenizer, params, prompt_ids)
-        request = Request(request_id or f"req-{next(self._ids)}", prompt_ids, output, seed)
+        request_id = request_id or f"req-{next(self._ids)}"
+        request = Request(request_id, prompt_ids, output, seed, on_update)
         with self._wake:
             self._waiting.append(request)
             self._wake.notify_all()
@@ -319,6 +345,14 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache's B x S positions that running requests hold."""
+        held = sum(
+            len(r.prompt_ids) + len(r.output.token_ids) for r in list(self._slots) if r is not None
+        )
+        return held / (self.config.max_slots * self.config.max_seq_len)
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Blocks until no request is queued or holds a slot (finished slots are freed)."""

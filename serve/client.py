@@ -1,0 +1,225 @@
+"""A small Python client for the jaxllm gRPC API, blocking (``Client``) and asyncio
+(``AsyncClient``). Both take one target or several (``"host:port"``, a comma-separated list
+or a sequence) and spread calls over them round-robin.
+
+    with Client("127.0.0.1:50051") as client:
+        for piece in client.stream("Once upon a time", max_tokens=32, temperature=0):
+            print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serve.proto import jaxllm_pb2 as pb
+from serve.proto import jaxllm_pb2_grpc as pb_grpc
+
+SERVICE = "jaxllm.v1.LLM"
+_SAMPLING_FIELDS = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
+
+
+@dataclasses.dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def generate_request(
+    prompt: str | Sequence[int], request_id: str = "", **sampling
+) -> pb.GenerateRequest:
+    """``prompt`` is text or token ids; ``sampling`` are SamplingParams fields (None = unset)."""
+    unknown = set(sampling) - _SAMPLING_FIELDS
+    if unknown:
+        raise TypeError(f"unknown sampling options {sorted(unknown)}")
+    params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    if isinstance(prompt, str):
+        return pb.GenerateRequest(prompt=prompt, sampling=params, request_id=request_id)
+    return pb.GenerateRequest(token_ids=list(prompt), sampling=params, request_id=request_id)
+
+
+def _targets(target: str | Sequence[str]) -> list[str]:
+    targets = target.split(",") if isinstance(target, str) else list(target)
+    targets = [t.strip() for t in targets if t.strip()]
+    if not targets:
+        raise ValueError("no server target given")
+    return targets
+
+
+def _credentials(ca_cert: str | Path | None) -> grpc.ChannelCredentials | None:
+    return None if ca_cert is None else grpc.ssl_channel_credentials(Path(ca_cert).read_bytes())
+
+
+def _options(server_name: str | None, max_message_bytes: int) -> list[tuple[str, object]]:
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if server_name:  # the name the certificate was issued for, when dialling an IP address
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options
+
+
+def _merge(result: Result | None, message: pb.GenerateResponse) -> Result:
+    result = result or Result("", [], "", 0, 0)
+    result.text += message.text
+    result.token_ids += list(message.token_ids)
+    if message.finish_reason:
+        result.finish_reason = message.finish_reason
+        result.prompt_tokens = message.usage.prompt_tokens
+        result.completion_tokens = message.usage.completion_tokens
+    return result
+
+
+class Client:
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        token: str | None = None,
+        ca_cert: str | Path | None = None,
+        server_name: str | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ):
+        creds, options = _credentials(ca_cert), _options(server_name, max_message_bytes)
+        self._channels = [
+            grpc.secure_channel(t, creds, options) if creds else grpc.insecure_channel(t, options)
+            for t in _targets(target)
+        ]
+        self._next = itertools.cycle(range(len(self._channels)))
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+
+    def _stub(self) -> pb_grpc.LLMStub:
+        return pb_grpc.LLMStub(self._channels[next(self._next)])
+
+    def generate_stream(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **sampling
+    ) -> Iterator[pb.GenerateResponse]:
+        """The raw response messages; closing the iterator early cancels the request."""
+        call = self._stub().Generate(
+            generate_request(prompt, **sampling), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            yield from call
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    def stream(self, prompt: str | Sequence[int], **options) -> Iterator[str]:
+        """Text pieces as they arrive."""
+        for message in self.generate_stream(prompt, **options):
+            if message.text:
+                yield message.text
+
+    def generate(self, prompt: str | Sequence[int], **options) -> Result:
+        result = None
+        for message in self.generate_stream(prompt, **options):
+            result = _merge(result, message)
+        return result
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return list(self._stub().Tokenize(request, metadata=self._metadata).token_ids)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._stub().GetModelInfo(pb.GetModelInfoRequest(), metadata=self._metadata)
+
+    def stats(self) -> pb.ServerStats:
+        return self._stub().GetStats(pb.GetStatsRequest(), metadata=self._metadata)
+
+    def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
+        """``"SERVING"`` or ``"NOT_SERVING"`` for the first target."""
+        stub = health_pb2_grpc.HealthStub(self._channels[0])
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client``; create it inside the event loop that uses it."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        token: str | None = None,
+        ca_cert: str | Path | None = None,
+        server_name: str | None = None,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ):
+        creds, options = _credentials(ca_cert), _options(server_name, max_message_bytes)
+        aio = grpc.aio
+        self._channels = [
+            aio.secure_channel(t, creds, options) if creds else aio.insecure_channel(t, options)
+            for t in _targets(target)
+        ]
+        self._next = itertools.cycle(range(len(self._channels)))
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
+
+    def _stub(self) -> pb_grpc.LLMStub:
+        return pb_grpc.LLMStub(self._channels[next(self._next)])
+
+    async def generate_stream(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **sampling
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = self._stub().Generate(
+            generate_request(prompt, **sampling), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            async for message in call:
+                yield message
+        finally:
+            call.cancel()
+
+    async def stream(self, prompt: str | Sequence[int], **options) -> AsyncIterator[str]:
+        async for message in self.generate_stream(prompt, **options):
+            if message.text:
+                yield message.text
+
+    async def generate(self, prompt: str | Sequence[int], **options) -> Result:
+        result = None
+        async for message in self.generate_stream(prompt, **options):
+            result = _merge(result, message)
+        return result
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        reply = await self._stub().Tokenize(request, metadata=self._metadata)
+        return list(reply.token_ids)
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self._stub().GetModelInfo(pb.GetModelInfoRequest(), metadata=self._metadata)
+
+    async def stats(self) -> pb.ServerStats:
+        return await self._stub().GetStats(pb.GetStatsRequest(), metadata=self._metadata)
+
+    async def health(self, service: str = SERVICE, timeout: float = 5.0) -> str:
+        stub = health_pb2_grpc.HealthStub(self._channels[0])
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

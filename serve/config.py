@@ -1,0 +1,82 @@
+"""``ServeConfig``: everything ``jaxllm serve`` needs, from defaults, a YAML file and flags.
+
+A YAML file in ``configs/`` only overrides defaults; its ``engine:`` section holds
+``EngineConfig`` fields (``max_slots``, ``max_seq_len``, ...). Unknown keys are errors, so a
+typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxllm.engine import EngineConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None  # HF or Orbax folder; None = the demo model
+    mesh: str | None = None  # e.g. "data=2,tensor=4"; None = all local devices, tensor-parallel
+    dtype: str | None = None
+    rules: str | None = None
+    engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # EngineConfig fields
+    host: str = "127.0.0.1"  # loopback unless asked: the API has no auth by default
+    port: int = 50051
+    metrics_port: int | None = 9090  # None = no metrics endpoint
+    # Requests admitted beyond the busy slots; one more is answered RESOURCE_EXHAUSTED.
+    max_queue: int = 64
+    default_max_tokens: int = 16
+    # Tokens per streamed message after the first (the last message may carry fewer). 1 sends
+    # every token at once; more cut per-message gRPC cost at some smoothness.
+    stream_interval: int = 1
+    # On SIGTERM/SIGINT, in-flight streams get this long to finish before they are cancelled.
+    drain_timeout_s: float = 30.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token_file: str | None = None
+    # Read when no token file is given; unset or empty = no auth.
+    auth_token_env: str = "JAXLLM_AUTH_TOKEN"
+
+    def __post_init__(self):
+        object.__setattr__(self, "engine", dict(self.engine or {}))
+        EngineConfig(**self.engine)  # raises on unknown or invalid engine fields
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.max_queue < 0 or self.default_max_tokens < 1 or self.drain_timeout_s < 0:
+            raise ValueError("max_queue, default_max_tokens and drain_timeout_s must be >= 0/1/0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> ServeConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of ServeConfig fields")
+        return cls.from_dict({**data, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> ServeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown ServeConfig fields {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes) -> ServeConfig:
+        """Copies with ``changes`` applied; ``engine`` changes merge into the engine section."""
+        engine = {**self.engine, **changes.pop("engine", {})}
+        return dataclasses.replace(self, engine=engine, **changes)
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**self.engine)

@@ -1,0 +1,72 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers can share a
+process, as tests do). Latency histograms are in seconds; token counts are per request."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from jaxllm.engine import Engine
+from serve.admission import Admission
+
+# Log-spaced from 1 ms: CPU test models answer in milliseconds, large models in seconds.
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+OUTCOMES = ("ok", "cancelled", "deadline_exceeded", "invalid", "rejected", "error", "draining")
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "jaxllm_requests", "Generate requests by outcome", ["outcome"], registry=r
+        )
+        for outcome in OUTCOMES:  # every series exists from the start, at 0
+            self.requests.labels(outcome)
+        self.queue_depth = Gauge("jaxllm_queue_depth", "Requests waiting for a slot", registry=r)
+        self.slots_in_use = Gauge("jaxllm_slots_in_use", "Decode slots held", registry=r)
+        self.in_flight = Gauge("jaxllm_in_flight", "Admitted requests not yet ended", registry=r)
+        self.kv_cache_usage = Gauge(
+            "jaxllm_kv_cache_usage", "Fraction of KV-cache positions held", registry=r
+        )
+        self.ttft = Histogram(
+            "jaxllm_time_to_first_token_seconds",
+            "Admission to the first token sent",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "jaxllm_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "jaxllm_inter_token_latency_seconds",
+            "Gap between consecutive streamed messages, per token they carry",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Histogram(
+            "jaxllm_prompt_tokens", "Prompt tokens per request", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.output_tokens = Histogram(
+            "jaxllm_output_tokens", "Output tokens per request", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.load_seconds = Gauge("jaxllm_model_load_seconds", "Time to load the model", registry=r)
+        self.warm_up_seconds = Gauge(
+            "jaxllm_warm_up_seconds", "Time to compile every shape", registry=r
+        )
+
+    def watch(self, engine: Engine, admission: Admission) -> None:
+        """Reads the live figures at scrape time, so they are never stale."""
+        self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.slots_in_use.set_function(lambda: engine.slots_in_use)
+        self.in_flight.set_function(lambda: admission.in_flight)
+        self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Starts the /metrics endpoint in a thread; returns the port bound (for port 0)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

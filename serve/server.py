@@ -1,0 +1,197 @@
+"""``jaxllm serve``: wires the model, the gRPC server, health, reflection, metrics, signals.
+
+Start-up order makes readiness honest: the port is bound and health answers NOT_SERVING
+first, the model loads and compiles every shape, and only then does health say SERVING.
+On SIGTERM or SIGINT the server drains: health goes NOT_SERVING, new requests get
+UNAVAILABLE, running streams get ``drain_timeout_s`` to finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from jaxllm.llm import LLM
+from serve.admission import Admission
+from serve.auth import BearerTokenInterceptor, load_token, server_credentials
+from serve.config import ServeConfig
+from serve.metrics import Metrics
+from serve.proto import jaxllm_pb2
+from serve.proto import jaxllm_pb2_grpc as pb_grpc
+from serve.servicer import LLMServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE = jaxllm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name  # "jaxllm.v1.LLM"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _Switch(pb_grpc.LLMServicer):
+    """Answers UNAVAILABLE until the model is ready, then forwards to the real servicer (which
+    cannot exist before the model does, while gRPC wants its servicers before it starts)."""
+
+    def __init__(self):
+        self.target: LLMServicer | None = None
+
+    async def _ready(self, context) -> LLMServicer:
+        if self.target is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading; watch health")
+        return self.target
+
+    async def Generate(self, request, context):
+        target = await self._ready(context)
+        async for message in target.Generate(request, context):
+            yield message
+
+    async def Tokenize(self, request, context):
+        return await (await self._ready(context)).Tokenize(request, context)
+
+    async def GetModelInfo(self, request, context):
+        return await (await self._ready(context)).GetModelInfo(request, context)
+
+    async def GetStats(self, request, context):
+        return await (await self._ready(context)).GetStats(request, context)
+
+
+class Server:
+    """One server: ``start`` binds (health NOT_SERVING), ``load`` brings the model up (health
+    SERVING), ``drain`` shuts down gracefully. ``serve`` runs the three for the CLI."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.token = load_token(config)
+        self.metrics = Metrics()
+        self.health = health_aio.HealthServicer()
+        self.switch = _Switch()
+        self.llm: LLM | None = None
+        self.admission: Admission | None = None
+        self.port = self.metrics_port = None
+        self._watcher: asyncio.Future | None = None
+        limits = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        interceptors = [BearerTokenInterceptor(self.token)] if self.token else []
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=limits)
+        pb_grpc.add_LLMServicer_to_server(self.switch, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (SERVICE, health_name, reflection.SERVICE_NAME), self.grpc
+        )
+
+    async def start(self) -> None:
+        config = self.config
+        await _set_health(self.health, _NOT_SERVING)
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
+        await self.grpc.start()
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
+        log.info(
+            "listening on %s:%d (%s, %s), metrics on port %s; loading the model",
+            config.host,
+            self.port,
+            "TLS" if credentials else "plaintext",
+            "bearer-token auth" if self.token else "no auth",
+            self.metrics_port,
+        )
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.llm = await loop.run_in_executor(None, _load, self.config, self.metrics)
+        self.admission = Admission(self.llm.engine.config.max_slots, self.config.max_queue)
+        self.metrics.watch(self.llm.engine, self.admission)
+        self.switch.target = LLMServicer(self.llm, self.config, self.admission, self.metrics)
+        await _set_health(self.health, _SERVING)
+        self._watcher = asyncio.ensure_future(_watch_engine(self.llm, self.health))
+
+    async def drain(self) -> None:
+        """Stops admitting, lets running streams finish (up to drain_timeout_s), stops."""
+        await _set_health(self.health, _NOT_SERVING)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.admission is not None:
+            log.info("draining: %d requests in flight", self.admission.in_flight)
+            self.admission.drain()
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            while self.admission.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.admission.in_flight:
+                log.warning("cancelling %d requests still running", self.admission.in_flight)
+        # Whatever still runs is cancelled here; Health.Watch streams end here too.
+        await self.grpc.stop(grace=1.0)
+        if self.llm is not None:
+            self.llm.close()
+        log.info("stopped")
+
+
+async def serve(config: ServeConfig) -> int:
+    """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = Server(config)
+    await server.start()
+    # Machine-readable lines (tests and scripts read the ports when 0 asked for any).
+    print(f"jaxllm: listening on {config.host}:{server.port}", flush=True)
+    if server.metrics_port is not None:
+        print(f"jaxllm: metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
+    started = time.perf_counter()
+    load = asyncio.ensure_future(server.load())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        await load  # raises if loading failed
+        log.info("ready in %.1f s", time.perf_counter() - started)
+        print(f"jaxllm: serving {server.llm.name} on {config.host}:{server.port}", flush=True)
+        await stopped
+    else:
+        await asyncio.wait([load])  # the loading thread cannot be interrupted
+    await server.drain()
+    return 0
+
+
+def _load(config: ServeConfig, metrics: Metrics) -> LLM:
+    start = time.perf_counter()
+    llm = LLM.load(
+        config.model,
+        mesh=config.mesh,
+        dtype=config.dtype,
+        rules=config.rules,
+        warm_up=False,
+        **config.engine,
+    )
+    loaded = time.perf_counter()
+    metrics.load_seconds.set(loaded - start)
+    # Warm-up here rather than in LLM.load so the two times are reported apart. The engine is
+    # already running, but nothing can reach it until health says SERVING.
+    llm.engine.warm_up()
+    metrics.warm_up_seconds.set(time.perf_counter() - loaded)
+    return llm
+
+
+async def _watch_engine(llm: LLM, health: health_aio.HealthServicer) -> None:
+    """Flips health to NOT_SERVING if the engine dies; its requests already failed."""
+    while llm.engine.failure is None:
+        await asyncio.sleep(0.2)
+    log.error("engine failed: %s; health is NOT_SERVING", llm.engine.failure)
+    await _set_health(health, _NOT_SERVING)
+
+
+async def _set_health(health: health_aio.HealthServicer, status) -> None:
+    for service in ("", SERVICE):
+        await health.set(service, status)

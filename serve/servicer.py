@@ -1,0 +1,196 @@
+"""The ``jaxllm.v1.LLM`` service: turns RPCs into engine requests and streams tokens back.
+
+The engine runs in its own threads; a request's ``on_update`` wakes this asyncio handler
+(through ``_Waker``), which sends everything decoded since its last message in one
+message. A stream that ends early for any reason (client cancel, deadline, shutdown) cancels
+its engine request, whose slot is freed at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import grpc
+import jax.numpy as jnp
+
+from jaxllm.llm import LLM
+from serve.admission import Admission
+from serve.config import ServeConfig
+from serve.metrics import Metrics
+from serve.proto import jaxllm_pb2 as pb
+from serve.proto import jaxllm_pb2_grpc as pb_grpc
+from serve.validation import InvalidRequest, validate
+from sharding import describe_mesh
+
+log = logging.getLogger(__name__)
+
+
+class _Waker:
+    """Wakes asyncio handlers from the engine's threads with one loop callback per burst.
+
+    The detokenizer pushes a token to every running request per step; a
+    ``call_soon_threadsafe`` each would cost a self-pipe write and a loop wake-up per token
+    and stream, all CPU taken from the model on a host that also computes. Events marked
+    while a flush is pending ride along with it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._marked: set[asyncio.Event] = set()
+        self._scheduled = False
+
+    def mark(self, event: asyncio.Event) -> None:
+        with self._lock:
+            self._marked.add(event)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            marked, self._marked, self._scheduled = self._marked, set(), False
+        for event in marked:
+            event.set()
+
+
+class LLMServicer(pb_grpc.LLMServicer):
+    def __init__(self, llm: LLM, config: ServeConfig, admission: Admission, metrics: Metrics):
+        self.llm, self.engine, self.config = llm, llm.engine, config
+        self.admission, self.metrics = admission, metrics
+        self._waker: _Waker | None = None  # made on the serving loop, at the first request
+        self._interval = config.stream_interval
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
+        try:
+            job = validate(request, self.engine, self.llm.tokenizer, self.config)
+        except InvalidRequest as e:
+            self.metrics.requests.labels("invalid").inc()
+            await context.abort(e.code, str(e))
+        refusal = self.admission.try_acquire()
+        if refusal is not None:
+            draining = self.admission.draining
+            self.metrics.requests.labels("draining" if draining else "rejected").inc()
+            code = grpc.StatusCode.UNAVAILABLE if draining else grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, refusal)
+        outcome = "cancelled"
+        try:
+            async for message in self._stream(job, context, start):
+                yield message
+            outcome = "ok"
+        except _EngineError as e:
+            outcome = "error"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except Exception as e:  # a bug of ours: say so plainly rather than UNKNOWN
+            outcome = "error"
+            log.exception("Generate failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
+        finally:
+            self.admission.release()
+            if outcome == "cancelled":
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    outcome = "deadline_exceeded"
+            self.metrics.requests.labels(outcome).inc()
+
+    async def _stream(self, job, context: grpc.aio.ServicerContext, start: float):
+        if self._waker is None:
+            self._waker = _Waker(asyncio.get_running_loop())
+        waker, wake = self._waker, asyncio.Event()
+        try:
+            request = self.engine.submit(
+                job.prompt_ids,
+                job.params,
+                request_id=job.request_id or None,
+                on_update=lambda: waker.mark(wake),
+            )
+        except RuntimeError as e:  # the engine failed or is stopping
+            raise _EngineError(str(e)) from None
+        # Whichever way the RPC ends (cancel, deadline, shutdown, done), the slot is released.
+        context.add_done_callback(lambda _: request.cancel())
+        output, request_id = request.output, request.id
+        sent_ids = sent_chars = 0
+        first_at = last_at = None
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                # Read `done` first: once it is set, the text and ids below are final.
+                done = request.done
+                text, ids = output.text, output.token_ids[sent_ids:]
+                if done and request.error is not None:
+                    raise _EngineError(f"engine failed: {request.error}")
+                # After the first token, tokens wait until stream_interval of them are ready:
+                # each gRPC message costs the server (and client) CPU, so fewer larger messages
+                # trade some smoothness for throughput (vLLM's --stream-interval).
+                if not done and (not ids or (sent_ids and len(ids) < self._interval)):
+                    continue
+                now = time.perf_counter()
+                if ids:
+                    if first_at is None:
+                        first_at = now
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        for _ in ids:  # the gap, spread over the tokens it delivered
+                            self.metrics.itl.observe((now - last_at) / len(ids))
+                    last_at = now
+                message = pb.GenerateResponse(
+                    text=text[sent_chars:], token_ids=ids, request_id=request_id
+                )
+                sent_ids, sent_chars = sent_ids + len(ids), len(text)
+                if done:
+                    n = len(output.token_ids)
+                    message.finish_reason = output.finish_reason
+                    message.usage.prompt_tokens = len(job.prompt_ids)
+                    message.usage.completion_tokens = n
+                    self.metrics.prompt_tokens.observe(len(job.prompt_ids))
+                    self.metrics.output_tokens.observe(n)
+                    if n > 1 and first_at is not None:
+                        self.metrics.tpot.observe((last_at - first_at) / (n - 1))
+                    yield message
+                    return
+                yield message
+        finally:
+            request.cancel()  # a no-op once finished
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+        limit = self.engine.config.max_seq_len * 64
+        if len(request.text) > limit:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"text: longer than {limit} characters"
+            )
+        ids = self.llm.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        cfg, engine_cfg = self.llm.config, self.engine.config
+        return pb.ModelInfo(
+            model_name=self.llm.name,
+            architecture=cfg.architecture,
+            max_context=engine_cfg.max_seq_len,
+            max_prompt_tokens=engine_cfg.prompt_limit,
+            vocab_size=cfg.vocab_size,
+            mesh=describe_mesh(self.llm.mesh),
+            dtype=jnp.dtype(self.llm.runner.spec.dtype).name,
+            max_slots=engine_cfg.max_slots,
+            max_queue=self.config.max_queue,
+            num_params=cfg.num_params,
+        )
+
+    async def GetStats(self, request, context) -> pb.ServerStats:
+        return pb.ServerStats(
+            slots_in_use=self.engine.slots_in_use,
+            queue_depth=self.engine.queue_depth,
+            in_flight=self.admission.in_flight,
+            kv_cache_usage=self.engine.kv_cache_usage,
+            draining=self.admission.draining,
+        )
+
+
+class _EngineError(Exception):
+    """The engine failed or stopped under this request: UNAVAILABLE, and health flips."""
