@@ -33,7 +33,7 @@ def _serve(args) -> int:
         name: getattr(args, name)
         for name in ("model", "mesh", "dtype", "rules", "host", "port", "metrics_port")
         + ("max_queue", "tls_cert", "tls_key", "auth_token_file", "drain_timeout_s")
-        + ("stream_interval",)
+        + ("stream_interval", "sample_prompt")
         if getattr(args, name) is not None
     }
     if args.no_metrics:
@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--auth-token-file",
         help="require 'authorization: Bearer <token>' (else $JAXLLM_AUTH_TOKEN)",
+    )
+    srv.add_argument(
+        "--sample",
+        dest="sample_prompt",
+        metavar="PROMPT",
+        help="once serving, print the model's greedy completion of PROMPT",
     )
     srv.set_defaults(run=_serve)
     return parser

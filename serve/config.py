@@ -44,6 +44,9 @@ class ServeConfig:
     auth_token_file: str | None = None
     # Read when no token file is given; unset or empty = no auth.
     auth_token_env: str = "JAXLLM_AUTH_TOKEN"
+    # Once serving, print the greedy completion of this prompt: a check a person can read.
+    sample_prompt: str | None = None
+    sample_tokens: int = 48
 
     def __post_init__(self):
         object.__setattr__(self, "engine", dict(self.engine or {}))

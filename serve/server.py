@@ -158,6 +158,8 @@ async def serve(config: ServeConfig) -> int:
         await load  # raises if loading failed
         log.info("ready in %.1f s", time.perf_counter() - started)
         print(f"jaxllm: serving {server.llm.name} on {config.host}:{server.port}", flush=True)
+        if config.sample_prompt:
+            await _print_sample(server.llm, config)
         await stopped
     else:
         await asyncio.wait([load])  # the loading thread cannot be interrupted
@@ -182,6 +184,17 @@ def _load(config: ServeConfig, metrics: Metrics) -> LLM:
     llm.engine.warm_up()
     metrics.warm_up_seconds.set(time.perf_counter() - loaded)
     return llm
+
+
+async def _print_sample(llm: LLM, config: ServeConfig) -> None:
+    """One greedy completion through the same engine that serves the clients."""
+    loop = asyncio.get_running_loop()
+    prompt = config.sample_prompt
+    out = await loop.run_in_executor(
+        None, lambda: llm.generate(prompt, max_tokens=config.sample_tokens, temperature=0)
+    )
+    print(f"jaxllm: sample completion (greedy, {len(out.token_ids)} tokens):", flush=True)
+    print(prompt + out.text, flush=True)
 
 
 async def _watch_engine(llm: LLM, health: health_aio.HealthServicer) -> None:
