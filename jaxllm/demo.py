@@ -1,40 +1,37 @@
-"""The model ``LLM.load()`` serves when no path is given.
+"""The model ``LLM.load()`` and ``jaxllm serve`` use when no model is given.
 
-Until the project ships its trained demo model, this is a small randomly initialised Llama
-with a byte-level tokenizer: it exercises the whole runtime, but its output is noise, and
-loading it says so.
+A small Llama (about 5 M parameters, 256-token context) that ``scripts/train_demo.py``
+trained with optax on the CPython standard library's own ``.py`` files, with a byte-level BPE
+tokenizer trained on the same files: it completes Python code. It ships inside the package as
+an ordinary jaxllm Orbax checkpoint (``jaxllm/demo_model/``), so it loads through the same path
+as any converted model, and ``training.json`` beside it records how it was trained and what it
+scored.
 """
 
 from __future__ import annotations
 
-import logging
+import json
+from pathlib import Path
+from typing import Any
 
-from jaxllm.config import ModelConfig
-from jaxllm.tokenizer import Tokenizer, byte_level_tokenizer
+from jaxllm import orbax_checkpoint
 
-log = logging.getLogger(__name__)
-
-RANDOM_DEMO_CONFIG = ModelConfig(
-    architecture="LlamaForCausalLM",
-    vocab_size=258,  # 256 bytes + BOS + EOS: every id the model can emit decodes
-    hidden_size=128,
-    intermediate_size=384,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=32,
-    rope_theta=10000.0,
-    max_position_embeddings=2048,
-    bos_token_id=256,
-    eos_token_ids=(257,),
-)
-
-RANDOM_DEMO_NOTICE = (
-    "jaxllm: no model given and no trained demo model is bundled yet; serving a small "
-    "RANDOM Llama (4 layers, byte-level tokenizer) whose output is noise"
-)
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_MODEL_NAME = "jaxllm-demo-stdlib"
 
 
-def random_demo() -> tuple[ModelConfig, Tokenizer]:
-    log.warning(RANDOM_DEMO_NOTICE)
-    return RANDOM_DEMO_CONFIG, byte_level_tokenizer()
+def demo_model_dir() -> Path:
+    """The bundled checkpoint's folder; an error says how to get it back if it is missing."""
+    if not orbax_checkpoint.is_orbax_checkpoint(DEMO_MODEL_DIR):
+        raise FileNotFoundError(
+            f"the bundled demo model is missing from {DEMO_MODEL_DIR} (an install without "
+            "package data?); reinstall jaxllm, pass a model path, or regenerate it with "
+            "`python scripts/train_demo.py`"
+        )
+    return DEMO_MODEL_DIR
+
+
+def training_record() -> dict[str, Any]:
+    """What ``scripts/train_demo.py`` recorded: corpus, steps, time, held-out perplexity, and
+    the training split's token counts (``train_unigram_counts``) for unigram baselines."""
+    return json.loads((demo_model_dir() / "training.json").read_text())

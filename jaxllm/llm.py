@@ -61,42 +61,38 @@ class LLM:
         mesh: Mesh | dict[str, int] | str | None = None,
         dtype=None,
         rules: ShardingRules | str | None = None,
-        seed: int = 0,
         warm_up: bool = True,
         **engine_options,
     ) -> LLM:
         """Loads a model sharded over ``mesh`` by ``rules`` and starts its engine.
 
         ``path`` is a Hugging Face folder (config.json + *.safetensors + tokenizer), a jaxllm
-        Orbax checkpoint (``jaxllm convert``), or ``None`` for the embedded demo model.
+        Orbax checkpoint (``jaxllm convert``), or ``None`` for the bundled demo model
+        (``jaxllm.demo``: a small Python-code model trained by ``scripts/train_demo.py``).
         ``engine_options`` are ``EngineConfig`` fields (``max_slots``, ``max_seq_len``,
         ``max_prompt_len``, ...); every shape is compiled before this returns unless
         ``warm_up=False``."""
         mesh = make_mesh(mesh)
         dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
         if path is None:
-            config, tokenizer = demo.random_demo()
-            spec = ModelSpec(config, dtype, mesh, get_rules(rules))
-            graphdef, state = spec.random_state(seed)
-            name = "random-demo"
+            path, name = demo.demo_model_dir(), demo.DEMO_MODEL_NAME
         else:
             path = Path(path)
-            if not path.is_dir():
-                raise FileNotFoundError(f"model folder {path} does not exist")
-            orbax = orbax_checkpoint.is_orbax_checkpoint(path)
-            if orbax:
-                config = orbax_checkpoint.read_config(path)
-                tokenizer = Tokenizer.from_dir(orbax_checkpoint.tokenizer_dir(path))
-                loader = orbax_checkpoint.load_orbax_state
-            else:
-                config = ModelConfig.from_hf_dir(path)
-                tokenizer = Tokenizer.from_dir(path)
-                loader = load_hf_state
-            spec = ModelSpec(config, dtype, mesh, get_rules(rules))
-            total = config.num_params * jnp.dtype(dtype).itemsize
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}") as bar:
-                graphdef, state = loader(path, spec, lambda _, n: bar.update(n))
             name = path.name
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {path} does not exist")
+        if orbax_checkpoint.is_orbax_checkpoint(path):
+            config = orbax_checkpoint.read_config(path)
+            tokenizer = Tokenizer.from_dir(orbax_checkpoint.tokenizer_dir(path))
+            loader = orbax_checkpoint.load_orbax_state
+        else:
+            config = ModelConfig.from_hf_dir(path)
+            tokenizer = Tokenizer.from_dir(path)
+            loader = load_hf_state
+        spec = ModelSpec(config, dtype, mesh, get_rules(rules))
+        total = config.num_params * jnp.dtype(dtype).itemsize
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar:
+            graphdef, state = loader(path, spec, lambda _, n: bar.update(n))
         engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))
         engine_config = EngineConfig(**engine_options)
         if engine_config.max_seq_len > config.max_position_embeddings:
