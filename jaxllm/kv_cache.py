@@ -64,12 +64,28 @@ class KVCache(NamedTuple):
 
 
 def empty(
-    num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype
+    num_layers: int,
+    batch: int,
+    max_len: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
 ) -> KVCache:
-    """A cache built inside a jitted step (a prefill's own, local cache)."""
+    """A cache built inside a jitted step (a prefill's own, or a training step's), laid out
+    by the cache rules when a mesh and rules are given."""
     shape = (batch, num_kv_heads, max_len, head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-    return KVCache(zeros, zeros)
+
+    def zeros():
+        x = jnp.zeros(shape, dtype)
+        if mesh is None or rules is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, rules.sharding(CACHE_AXES, shape, mesh))
+
+    return KVCache(
+        tuple(zeros() for _ in range(num_layers)), tuple(zeros() for _ in range(num_layers))
+    )
 
 
 def write(

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Float, Int
 
-from jaxllm.kv_cache import CACHE_AXES, KVCache
+from jaxllm import kv_cache
 from jaxllm.params import ModelSpec
 
 
@@ -122,13 +122,9 @@ class Trainer:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         # The forward pass writes keys and values into a cache as long as the window; made
         # inside the jit, it is only a buffer of the step.
-        shape = (B, T, cfg.num_kv_heads, cfg.head_dim)
-        sharding = spec.rules.sharding(CACHE_AXES, shape, spec.mesh)
-        zeros = [
-            jax.lax.with_sharding_constraint(jnp.zeros(shape, spec.dtype), sharding)
-            for _ in range(2 * cfg.num_layers)
-        ]
-        cache = KVCache(tuple(zeros[: cfg.num_layers]), tuple(zeros[cfg.num_layers :]))
+        cache = kv_cache.empty(
+            cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim, spec.dtype, spec.mesh, spec.rules
+        )
         hidden, _ = model(tokens, positions, cache)
         return next_token_loss(model.logits(hidden), targets)
 
