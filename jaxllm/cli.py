@@ -15,7 +15,7 @@ import sys
 import time
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face model folder (default: demo model)")
     parser.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: tensor=all)")
     parser.add_argument("--dtype", help="parameter dtype (default: float32 on CPU, else bfloat16)")
@@ -37,7 +37,7 @@ def _load(args, warm_up: bool):
     )
 
 
-def _generate(args) -> int:
+def generate_locally(args) -> int:
     # One prompt needs one prefill bucket: compile on demand instead of warming up all.
     llm = _load(args, warm_up=False)
     sampling = dict(
@@ -106,11 +106,16 @@ def _info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return build_commands()[0]
+
+
+def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser and its subcommands, for front ends (``serve.cli``) that add their own."""
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="complete a prompt, streaming to the terminal")
-    _add_model_args(gen)
+    add_model_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -120,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.set_defaults(run=_generate)
+    gen.set_defaults(run=generate_locally)
 
     convert = commands.add_parser("convert", help="Hugging Face safetensors -> Orbax checkpoint")
     convert.add_argument("hf_dir")
@@ -129,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     info = commands.add_parser("info", help="describe the loaded model and its layout")
-    _add_model_args(info)
+    add_model_args(info)
     info.set_defaults(run=_info)
-    return parser
+    return parser, commands
 
 
 def main(argv: list[str] | None = None) -> int:

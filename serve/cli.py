@@ -20,10 +20,6 @@ import time
 from jaxllm import cli as model_cli
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-
-
 def _serve(args) -> int:
     from serve.config import ServeConfig
     from serve.server import serve
@@ -54,7 +50,7 @@ def _serve(args) -> int:
 
 def _generate(args) -> int:
     if not args.server:
-        return model_cli._generate(args)
+        return model_cli.generate_locally(args)
     if args.chat:
         raise ValueError("--chat needs --model (the chat template is applied locally)")
     token = None
@@ -102,8 +98,7 @@ def _stream_to_terminal(args, token, sampling):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = model_cli.build_parser()
-    commands = _subcommands(parser)
+    parser, commands = model_cli.build_commands()
 
     gen = commands.choices["generate"]
     gen.add_argument("--server", help="HOST:PORT of a jaxllm server (comma-separate several)")
@@ -115,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = commands.add_parser("serve", help="serve a model over gRPC")
     srv.add_argument("--config", help="YAML of ServeConfig overrides (see configs/)")
-    model_cli._add_model_args(srv)
+    model_cli.add_model_args(srv)
     srv.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     srv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090)")
