@@ -37,10 +37,9 @@ def _load(args, warm_up: bool):
     )
 
 
-def generate_locally(args) -> int:
-    # One prompt needs one prefill bucket: compile on demand instead of warming up all.
-    llm = _load(args, warm_up=False)
-    sampling = dict(
+def sampling_args(args) -> dict:
+    """The ``generate`` command's sampling flags as keyword arguments (local or server)."""
+    return dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -49,6 +48,12 @@ def generate_locally(args) -> int:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )
+
+
+def generate_locally(args) -> int:
+    # One prompt needs one prefill bucket: compile on demand instead of warming up all.
+    llm = _load(args, warm_up=False)
+    sampling = sampling_args(args)
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

@@ -56,11 +56,10 @@ class KVCache(NamedTuple):
         shape = (batch, num_kv_heads, max_len, head_dim)
         sharding = rules.sharding(CACHE_AXES, shape, mesh)
         make = jax.jit(
-            lambda: tuple(jnp.zeros(shape, dtype) for _ in range(2 * num_layers)),
-            out_shardings=(sharding,) * (2 * num_layers),
+            lambda: empty(num_layers, batch, max_len, num_kv_heads, head_dim, dtype),
+            out_shardings=KVCache((sharding,) * num_layers, (sharding,) * num_layers),
         )
-        buffers = make()
-        return KVCache(buffers[:num_layers], buffers[num_layers:])
+        return make()
 
 
 def empty(

@@ -58,15 +58,7 @@ def _generate(args) -> int:
         with open(args.auth_token_file) as f:
             token = f.read().strip()
     token = token or os.environ.get("JAXLLM_AUTH_TOKEN") or None
-    sampling = dict(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        seed=args.seed,
-        stop=list(args.stop or ()),
-    )
+    sampling = model_cli.sampling_args(args)
     start = time.perf_counter()
     import grpc
 
