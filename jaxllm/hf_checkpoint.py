@@ -244,7 +244,7 @@ def load_hf_state(
             on_tensor(name, array.size * array.dtype.itemsize)
         return array
 
-    return spec.fill(read)
+    return spec.fill_from_float(read)
 
 
 def save_hf_checkpoint(state: nnx.State, cfg: ModelConfig, path: str | Path) -> None:

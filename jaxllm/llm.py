@@ -61,6 +61,7 @@ class LLM:
         mesh: Mesh | dict[str, int] | str | None = None,
         dtype=None,
         rules: ShardingRules | str | None = None,
+        quantize: str | None = None,
         warm_up: bool = True,
         **engine_options,
     ) -> LLM:
@@ -70,8 +71,13 @@ class LLM:
         Orbax checkpoint (``jaxllm convert``), or ``None`` for the bundled demo model
         (``jaxllm.demo``: a small Python-code model trained by ``scripts/train_demo.py``).
         ``engine_options`` are ``EngineConfig`` fields (``max_slots``, ``max_seq_len``,
-        ``max_prompt_len``, ...); every shape is compiled before this returns unless
-        ``warm_up=False``."""
+        ``max_prompt_len``, ``kv_cache_dtype``, ...); every shape is compiled before this
+        returns unless ``warm_up=False``.
+
+        ``quantize="int8"`` stores every weight in int8 with per-output-channel scales
+        (``jaxllm.quantize``), quantizing a float checkpoint one weight at a time as it is
+        read; a checkpoint saved quantized (``jaxllm convert --quantize int8``) loads
+        quantized whatever this says."""
         mesh = make_mesh(mesh)
         dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
         if path is None:
@@ -85,12 +91,16 @@ class LLM:
             config = orbax_checkpoint.read_config(path)
             tokenizer = Tokenizer.from_dir(orbax_checkpoint.tokenizer_dir(path))
             loader = orbax_checkpoint.load_orbax_state
+            stored_quantized = orbax_checkpoint.read_quantization(path)
+            quantize = stored_quantized or quantize
         else:
             config = ModelConfig.from_hf_dir(path)
             tokenizer = Tokenizer.from_dir(path)
             loader = load_hf_state
-        spec = ModelSpec(config, dtype, mesh, get_rules(rules))
-        total = config.num_params * jnp.dtype(dtype).itemsize
+            stored_quantized = None
+        spec = ModelSpec(config, dtype, mesh, get_rules(rules), quantized=quantize)
+        # Bytes as read: a float checkpoint quantized at load is read in float.
+        total = config.num_params * (1 if stored_quantized else jnp.dtype(dtype).itemsize)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar:
             graphdef, state = loader(path, spec, lambda _, n: bar.update(n))
         engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))

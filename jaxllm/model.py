@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from jaxllm import kv_cache, rope
+from jaxllm import kv_cache, quantize, rope
 from jaxllm.config import ModelConfig
 from sharding import ShardingRules, constrain
 
@@ -60,20 +60,33 @@ class RMSNorm(nnx.Module):
         return self.scale[...][None, None, :] * x32.astype(x.dtype)
 
 
-def _project_heads(x: Float[Array, "B T D"], w: Float[Array, "N H D"]) -> Float[Array, "B T N H"]:
-    """``x @ w.T`` with the head dims merged, so the weight is read in its stored order."""
-    B, T, _ = x.shape
-    N, H, D = w.shape
-    return jnp.einsum("BTD,XD->BTX", x, w.reshape(N * H, D)).reshape(B, T, N, H)
+def _weight(
+    rngs: nnx.Rngs, shape, axes, dtype, quantized: str | None, in_dims: int = 1
+) -> tuple[nnx.Param, nnx.Param | None]:
+    """A linear layer's weight and, when ``quantized``, its per-output-channel scale: the
+    weight is then int8 and the scale a float32 parameter over the weight's output axes."""
+    if quantized is None:
+        return _param(rngs, shape, axes, dtype), None
+    q, scale = quantize.quantize(_init(rngs.params(), shape, jnp.float32), in_dims)
+    out = len(shape) - in_dims
+    return nnx.Param(q, logical_axes=axes), nnx.Param(scale, logical_axes=axes[:out])
+
+
+def _scale(p: nnx.Param | None):
+    return None if p is None else p[...]
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None, layout: Layout, dtype, rngs):
+    def __init__(
+        self, cfg: ModelConfig, window: int | None, layout: Layout, dtype, quantized, rngs
+    ):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.wq = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype)
-        self.wk = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), dtype)
-        self.wv = _param(rngs, (K, H, D), ("kv_heads", "head_dim", "embed"), dtype)
-        self.wo = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
+        q, kv = ("q_heads", "head_dim", "embed"), ("kv_heads", "head_dim", "embed")
+        self.wq, self.wq_scale = _weight(rngs, (N, H, D), q, dtype, quantized)
+        self.wk, self.wk_scale = _weight(rngs, (K, H, D), kv, dtype, quantized)
+        self.wv, self.wv_scale = _weight(rngs, (K, H, D), kv, dtype, quantized)
+        o = ("embed", "q_heads", "head_dim")
+        self.wo, self.wo_scale = _weight(rngs, (D, N, H), o, dtype, quantized, in_dims=2)
         self.qkv_bias = cfg.qkv_bias
         if cfg.qkv_bias:
             self.bq = _param(rngs, (N, H), ("q_heads", "head_dim"), dtype)
@@ -95,11 +108,10 @@ class Attention(nnx.Module):
         cache_v: Float[Array, "B K S H"],
         attend_len: int | None = None,
     ):
-        q, k, v = (
-            _project_heads(x, self.wq[...]),
-            _project_heads(x, self.wk[...]),
-            _project_heads(x, self.wv[...]),
-        )
+        # [B, T, N or K, H]: the weights are read in their stored [out, in] order.
+        q = quantize.linear(x, self.wq[...], _scale(self.wq_scale))
+        k = quantize.linear(x, self.wk[...], _scale(self.wk_scale))
+        v = quantize.linear(x, self.wv[...], _scale(self.wv_scale))
         if self.qkv_bias:
             q, k, v = q + self.bq[None, None], k + self.bk[None, None], v + self.bv[None, None]
         q = rope.apply_rotary(q, cos, sin)
@@ -129,34 +141,35 @@ class Attention(nnx.Module):
         out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(B, T, N, H)
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
-        wo = self.wo[...]
-        out = jnp.einsum("BTX,DX->BTD", out.reshape(B, T, N * H), wo.reshape(wo.shape[0], N * H))
+        out = quantize.linear(out.reshape(B, T, N * H), self.wo[...], _scale(self.wo_scale), 2)
         if self.o_bias:
             out = out + self.bo[None, None]
         return out, cache_k, cache_v
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.w_gate = _param(rngs, (F, D), ("mlp", "embed"), dtype)
-        self.w_up = _param(rngs, (F, D), ("mlp", "embed"), dtype)
-        self.w_down = _param(rngs, (D, F), ("embed", "mlp"), dtype)
+        self.w_gate, self.w_gate_scale = _weight(rngs, (F, D), ("mlp", "embed"), dtype, quantized)
+        self.w_up, self.w_up_scale = _weight(rngs, (F, D), ("mlp", "embed"), dtype, quantized)
+        self.w_down, self.w_down_scale = _weight(rngs, (D, F), ("embed", "mlp"), dtype, quantized)
         self.layout = layout
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = jnp.einsum("BTD,FD->BTF", x, self.w_gate[...])
-        up = jnp.einsum("BTD,FD->BTF", x, self.w_up[...])
+        gate = quantize.linear(x, self.w_gate[...], _scale(self.w_gate_scale))  # [B, T, F]
+        up = quantize.linear(x, self.w_up[...], _scale(self.w_up_scale))
         hidden = self.layout(jax.nn.silu(gate) * up, "act_batch", "act_length", "act_mlp")
-        return jnp.einsum("BTF,DF->BTD", hidden, self.w_down[...])
+        return quantize.linear(hidden, self.w_down[...], _scale(self.w_down_scale))
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, layout: Layout, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, layer: int, layout: Layout, dtype, quantized, rngs: nnx.Rngs
+    ):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.attn = Attention(cfg, cfg.window(layer), layout, dtype, rngs)
+        self.attn = Attention(cfg, cfg.window(layer), layout, dtype, quantized, rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.mlp = MLP(cfg, layout, dtype, rngs)
+        self.mlp = MLP(cfg, layout, dtype, quantized, rngs)
         self.layout = layout
 
     def __call__(self, x, positions, cos, sin, cache_k, cache_v, attend_len=None):
@@ -178,16 +191,24 @@ class Transformer(nnx.Module):
         dtype=jnp.float32,
         mesh: Mesh | None = None,
         rules: ShardingRules | None = None,
+        quantized: str | None = None,
         rngs: nnx.Rngs,
     ):
+        """``quantized="int8"``: every linear weight, the embedding and the head are int8
+        with per-output-channel scales (``jaxllm.quantize``); norms stay in ``dtype``."""
         self.config = cfg
+        self.dtype = dtype
         layout = Layout(mesh, rules)
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([Block(cfg, i, layout, dtype, rngs) for i in range(cfg.num_layers)])
+        table = (cfg.vocab_size, cfg.hidden_size)
+        self.embed, self.embed_scale = _weight(rngs, table, ("vocab", "embed"), dtype, quantized)
+        self.layers = nnx.List(
+            [Block(cfg, i, layout, dtype, quantized, rngs) for i in range(cfg.num_layers)]
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if not cfg.tie_word_embeddings:
-            shape = (cfg.vocab_size, cfg.hidden_size)
-            self.lm_head = _param(rngs, shape, ("vocab", "embed"), dtype)
+            self.lm_head, self.lm_head_scale = _weight(
+                rngs, table, ("vocab", "embed"), dtype, quantized
+            )
         self.layout = layout
 
     def __call__(
@@ -199,7 +220,7 @@ class Transformer(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], kv_cache.KVCache]:
         """``attend_len`` (static): attention reads only cache positions below it; every
         position a query may see must lie there. None reads the whole cache."""
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        x = quantize.embed(self.embed[...], _scale(self.embed_scale), tokens, self.dtype)
         x = self.layout(x, "act_batch", "act_length", "act_embed")
         cfg = self.config
         inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -214,7 +235,10 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         with jax.named_scope("lm_head"):
-            head = self.embed if self.config.tie_word_embeddings else self.lm_head
-            out = jnp.einsum("BTD,VD->BTV", hidden, head[...])
+            if self.config.tie_word_embeddings:
+                head, scale = self.embed, self.embed_scale
+            else:
+                head, scale = self.lm_head, self.lm_head_scale
+            out = quantize.linear(hidden, head[...], _scale(scale))
             out = self.layout(out, "act_batch", "act_length", "act_vocab")
             return out.astype(jnp.float32)

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxllm import quantize
 from jaxllm.config import ModelConfig
 from jaxllm.hf_checkpoint import (
     CheckpointError,
@@ -99,6 +100,11 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
+def read_quantization(path: str | Path) -> str | None:
+    """How the checkpoint's weights are quantized (``"int8"``), or None for float weights."""
+    return read_metadata(path).get("quantization")
+
+
 def read_config(path: str | Path) -> ModelConfig:
     """The model config a checkpoint was saved with."""
     read_metadata(path)
@@ -159,12 +165,17 @@ def save_state(
         found = params[name].get_value().shape if name in params else "missing"
         if found != shape:
             raise ValueError(f"the state's {name!r} has shape {found}, the config gives {shape}")
+    # A quantized state (jaxllm.quantize) carries a scale beside every int8 weight.
+    scales = [n for n in params if n.endswith(quantize.SCALE_SUFFIX)]
+    quantization = quantize.INT8 if scales else None
     arrays = (
         (name, var.get_value(), var.get_metadata().get("logical_axes"))
         for name, var in sorted(params.items())
     )
     config_text = json.dumps(config.to_hf_dict(), indent=2)
-    return _write(Path(out_dir), config_text, tokenizer_dir, arrays, on_tensor)
+    return _write(
+        Path(out_dir), config_text, tokenizer_dir, arrays, on_tensor, quantization=quantization
+    )
 
 
 def _write(
@@ -174,6 +185,7 @@ def _write(
     arrays: Iterable[tuple[str, np.ndarray | jax.Array, tuple | None]],
     on_tensor: OnTensor,
     host_arrays: bool = False,
+    quantization: str | None = None,
 ) -> Path:
     """Writes a checkpoint into a hidden sibling of ``out_dir``, adds the metadata file once
     everything else is durable, and renames the folder into place. For numpy arrays
@@ -219,6 +231,8 @@ def _write(
             _fsync(folder, recursive=True)
             meta = {"format": _FORMAT, "format_version": FORMAT_VERSION, "params": params}
             meta["dtype"] = sizes.most_common(1)[0][0]
+            if quantization is not None:
+                meta["quantization"] = quantization
             (folder / METADATA_FILE).write_text(json.dumps(meta, indent=1))
             _fsync(folder / METADATA_FILE)
             _fsync(folder)
@@ -304,20 +318,30 @@ def load_orbax_state(
     ``on_tensor(name, nbytes)`` is called after each parameter is placed (progress bars).
     """
     path = Path(path)
-    stored = read_metadata(path)["params"]
-    _, abstract = spec.abstract()
-    shardings = named_params(spec.shardings(abstract))
-    targets = {
-        name: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[name].get_value())
-        for name, var in named_params(abstract).items()
-    }
-    missing, extra = sorted(targets.keys() - stored.keys()), sorted(stored.keys() - targets.keys())
+    meta = read_metadata(path)
+    stored, stored_quantization = meta["params"], meta.get("quantization")
+    targets = spec.targets()
+    if stored_quantization != spec.quantized and stored_quantization is not None:
+        raise CheckpointError(
+            f"{path}: the checkpoint is {stored_quantization}-quantized; load it with "
+            f"quantize={stored_quantization!r} (it holds no float weights)"
+        )
+    # Quantizing a float checkpoint at load: its weights are read as float, one at a time,
+    # and quantized in their shards before the next is read.
+    quantize_now = spec.quantized is not None and stored_quantization is None
+    reads = dict(targets)
+    if quantize_now:
+        for name in [n for n in reads if quantize.input_dims(n) is not None]:
+            del reads[quantize.scale_name(name)]
+            t = reads[name]
+            reads[name] = jax.ShapeDtypeStruct(t.shape, spec.dtype, sharding=t.sharding)
+    missing, extra = sorted(reads.keys() - stored.keys()), sorted(stored.keys() - reads.keys())
     if missing or extra:
         raise CheckpointError(
             f"{path}: parameters do not match the model: missing {missing[:5]}, "
             f"unexpected {extra[:5]}"
         )
-    for name, target in targets.items():
+    for name, target in reads.items():
         shape, dtype = tuple(stored[name]["shape"]), stored[name]["dtype"]
         if shape != target.shape or _kind(dtype) != _kind(target.dtype):  # float casts are fine
             raise CheckpointError(
@@ -329,11 +353,20 @@ def load_orbax_state(
     try:
         # Largest first: each parameter briefly needs a host copy on top of its arrays, and
         # the memory the allocator keeps back grows as the restore goes on.
-        for name in sorted(targets, key=lambda n: -np.prod(targets[n].shape)):
-            restored[name] = _restore(loader, path, name, targets[name])
+        for name in sorted(reads, key=lambda n: -np.prod(reads[n].shape)):
+            array = _restore(loader, path, name, reads[name])
+            nbytes = array.nbytes  # as read
+            if quantize_now and quantize.input_dims(name) is not None:
+                scale = quantize.scale_name(name)
+                q, s = quantize.quantize(array, quantize.input_dims(name))
+                del array
+                restored[name] = jax.device_put(q, targets[name].sharding)
+                restored[scale] = jax.device_put(s, targets[scale].sharding)
+            else:
+                restored[name] = array
             _release_freed_memory()
             if on_tensor is not None:
-                on_tensor(name, restored[name].nbytes)
+                on_tensor(name, nbytes)
     finally:
         loader.close()
     return spec.fill(lambda name, target: restored.pop(name))

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxllm import quantize
 from jaxllm.config import ModelConfig
 from jaxllm.model import Transformer
 from sharding import ShardingRules
@@ -28,10 +29,19 @@ class ModelSpec:
     dtype: Any
     mesh: Mesh
     rules: ShardingRules
+    quantized: str | None = None  # "int8": weights int8 + scales (jaxllm.quantize)
+
+    def __post_init__(self):
+        quantize.check_method(self.quantized)
 
     def build(self, seed: int = 0) -> Transformer:
         return Transformer(
-            self.config, dtype=self.dtype, mesh=self.mesh, rules=self.rules, rngs=nnx.Rngs(seed)
+            self.config,
+            dtype=self.dtype,
+            mesh=self.mesh,
+            rules=self.rules,
+            quantized=self.quantized,
+            rngs=nnx.Rngs(seed),
         )
 
     def abstract(self) -> tuple[nnx.GraphDef, nnx.State]:
@@ -64,6 +74,45 @@ class ModelSpec:
             flat.append((path, var.replace(make_array(".".join(map(str, path)), target))))
         return graphdef, nnx.from_flat_state(flat)
 
+    def fill_from_float(
+        self, read: Callable[[str, jax.ShapeDtypeStruct], jax.Array]
+    ) -> tuple[nnx.GraphDef, nnx.State]:
+        """``fill`` from a source that holds every weight in float (a Hugging Face folder, a
+        float checkpoint): for a quantized spec, each weight is read as float into its shards,
+        quantized there and dropped before the next, so no float copy of the model exists."""
+        if self.quantized is None:
+            return self.fill(read)
+        done: dict[str, jax.Array] = {}
+        targets = self.targets()
+        float_names = {}  # scale name -> its weight's name
+        for name in targets:
+            if quantize.input_dims(name) is not None:
+                float_names[quantize.scale_name(name)] = name
+
+        def make(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+            if name in done:
+                return done.pop(name)
+            weight = float_names.get(name, name)
+            if quantize.input_dims(weight) is None:  # norms, biases
+                return read(name, target)
+            w_target, s_target = targets[weight], targets[quantize.scale_name(weight)]
+            as_float = jax.ShapeDtypeStruct(w_target.shape, self.dtype, sharding=w_target.sharding)
+            q, scale = quantize.quantize(read(weight, as_float), quantize.input_dims(weight))
+            done[weight] = jax.device_put(q, w_target.sharding)
+            done[quantize.scale_name(weight)] = jax.device_put(scale, s_target.sharding)
+            return done.pop(name)
+
+        return self.fill(make)
+
+    def targets(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Every parameter's shape, dtype and sharding, by name."""
+        _, abstract = self.abstract()
+        shardings = named_params(self.shardings(abstract))
+        return {
+            name: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[name].get_value())
+            for name, var in named_params(abstract).items()
+        }
+
     def random_state(self, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
         """Random parameters (normal with std 0.02; norm scales 1), each drawn on the host
         and placed into its shards. Host drawing avoids compiling JAX's RNG for every
@@ -78,7 +127,7 @@ class ModelSpec:
             value = value.astype(target.dtype)
             return jax.make_array_from_callback(target.shape, target.sharding, value.__getitem__)
 
-        return self.fill(draw)
+        return self.fill_from_float(draw)
 
 
 def named_params(state: nnx.State) -> dict[str, nnx.Variable]:
