@@ -69,7 +69,7 @@ def scale_name(name: str) -> str:
 
 
 @functools.partial(jax.jit, static_argnames="in_dims")
-def quantize(w: Float[Array, "..."], in_dims: int = 1) -> tuple[Int8[Array, "..."], Array]:
+def quantize(w: Float[Array, "*dims"], in_dims: int = 1) -> tuple[Int8[Array, "*dims"], Array]:
     """``(q, scale)`` with ``q`` int8 like ``w`` and ``scale`` float32 over its output dims."""
     axes = tuple(range(w.ndim - in_dims, w.ndim))
     w = w.astype(jnp.float32)
@@ -80,15 +80,13 @@ def quantize(w: Float[Array, "..."], in_dims: int = 1) -> tuple[Int8[Array, "...
     return q, scale
 
 
-def dequantize(q: Int8[Array, "..."], scale: Array, dtype=jnp.float32) -> Array:
+def dequantize(q: Int8[Array, "*dims"], scale: Array, dtype=jnp.float32) -> Array:
     """The float weight ``q`` stands for (tests, and scoring the rounding error)."""
     in_dims = q.ndim - scale.ndim
     return (q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * in_dims)).astype(dtype)
 
 
-def linear(
-    x: Float[Array, "B T I"], w: Array, scale: Array | None, in_dims: int = 1
-) -> Array:
+def linear(x: Float[Array, "B T I"], w: Array, scale: Array | None, in_dims: int = 1) -> Array:
     """``x @ w.T`` for a weight ``w [*out, *in]`` stored ``[out, in]`` (its last ``in_dims``
     dims flattened are ``I``), float or int8 (then ``scale [*out]``); returns
     ``[B, T, *out]``. An int8 weight is never copied to float whole for few rows (see the
