@@ -1,7 +1,7 @@
 """The ``jaxllm`` command line.
 
     jaxllm generate [--model PATH] [--mesh data=2,tensor=4] [sampling flags] PROMPT
-    jaxllm convert HF_DIR OUT_DIR [--dtype bfloat16]
+    jaxllm convert HF_DIR OUT_DIR [--dtype bfloat16] [--quantize int8]
     jaxllm info [--model PATH] [--mesh ...]
 
 Without ``--model`` the embedded demo model is used.
@@ -21,17 +21,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="parameter dtype (default: float32 on CPU, else bfloat16)")
     parser.add_argument("--rules", help="sharding preset (default: fsdp_tensor)")
     parser.add_argument("--max-seq-len", type=int, help="context length of the KV cache")
+    parser.add_argument(
+        "--quantize", choices=["int8"], help="int8 weights with per-channel scales (at load)"
+    )
+    parser.add_argument(
+        "--kv-cache-dtype", choices=["int8"], help="int8 KV cache: ~3.8x the slots per byte"
+    )
 
 
 def _load(args, warm_up: bool):
     from jaxllm.llm import LLM
 
     options = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}
+    if args.kv_cache_dtype:
+        options["kv_cache_dtype"] = args.kv_cache_dtype
     return LLM.load(
         args.model,
         mesh=args.mesh,
         dtype=args.dtype,
         rules=args.rules,
+        quantize=args.quantize,
         warm_up=warm_up,
         **options,
     )
@@ -82,7 +91,9 @@ def _convert(args) -> int:
             bar.set_postfix_str(name, refresh=False)
             bar.update(nbytes)
 
-        out = convert_hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, on_tensor=progress)
+        out = convert_hf_to_orbax(
+            args.hf_dir, args.out_dir, dtype=args.dtype, quantize=args.quantize, on_tensor=progress
+        )
     print(f"wrote {out}")
     return 0
 
@@ -90,6 +101,7 @@ def _convert(args) -> int:
 def _info(args) -> int:
     import jax.numpy as jnp
 
+    from jaxllm.params import param_bytes
     from sharding import describe_mesh
 
     llm = _load(args, warm_up=False)
@@ -102,6 +114,9 @@ def _info(args) -> int:
         "vocab_size": cfg.vocab_size,
         "max_seq_len": llm.max_seq_len,
         "dtype": jnp.dtype(llm.runner.spec.dtype).name,
+        "quantized": llm.runner.spec.quantized,
+        "kv_cache_dtype": llm.engine.config.kv_cache_dtype,
+        "weight_bytes": param_bytes(llm.runner.state),
         "mesh": describe_mesh(llm.mesh),
         "rules": llm.runner.spec.rules.name,
     }
@@ -136,6 +151,9 @@ def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
     convert.add_argument("hf_dir")
     convert.add_argument("out_dir")
     convert.add_argument("--dtype", help="store as this dtype (default: as in the checkpoint)")
+    convert.add_argument(
+        "--quantize", choices=["int8"], help="store int8 weights with per-channel scales"
+    )
     convert.set_defaults(run=_convert)
 
     info = commands.add_parser("info", help="describe the loaded model and its layout")

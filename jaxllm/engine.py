@@ -59,8 +59,10 @@ class EngineConfig:
     prefill_batch: int = 8  # most waiting prompts of one bucket prefilled in one call
     prefill_tokens: int = 512  # padded tokens a batched prefill call may hold
     min_attend_len: int = 256  # shortest cache prefix a decode step reads (powers of 2 up)
+    kv_cache_dtype: str | None = None  # None: the model's dtype; "int8": quantized cache
 
     def __post_init__(self):
+        kv_cache.check_dtype(self.kv_cache_dtype)
         if min(self.max_slots, self.steps_per_call, self.prefill_batch, self.prefill_tokens) < 1:
             raise ValueError(f"invalid engine config {self}")
         if self.max_seq_len < 2:
@@ -266,6 +268,11 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def kv_cache_bytes(self) -> int:
+        """Device bytes of the decode KV cache (all slots, with an int8 cache's scales)."""
+        return self._state.cache.nbytes
+
+    @property
     def kv_cache_usage(self) -> float:
         """Fraction of the KV cache's B x S positions that running requests hold."""
         held = sum(
@@ -315,7 +322,7 @@ class Engine:
         replicated = NamedSharding(self.runner.spec.mesh, PartitionSpec())
         rows = [jax.device_put(np.zeros((B,), np.int32), replicated) for _ in range(3)]
         return DecodeState(
-            cache=self.runner.new_cache(B, self.config.max_seq_len),
+            cache=self.runner.new_cache(B, self.config.max_seq_len, self.config.kv_cache_dtype),
             tokens=rows[0],
             positions=rows[1],
             steps=rows[2],

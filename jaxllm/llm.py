@@ -187,14 +187,18 @@ class LLM:
     # -- scoring ------------------------------------------------------------------------
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """float32 logits ``[T, V]`` of one sequence: row t predicts token t + 1."""
+        """float32 logits ``[T, V]`` of one sequence: row t predicts token t + 1. Attention
+        reads keys and values from a cache of the engine's ``kv_cache_dtype``, so an int8
+        cache's rounding shows in the scores as it does in generation."""
         ids = self._prompt_ids(list(token_ids))
         if len(ids) > self.max_seq_len:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_seq_len}")
         bucket = padding.bucket_for(len(ids), padding.prefill_buckets(self.max_seq_len))
         tokens = padding.pad_to(ids, bucket)[None]
         positions = np.arange(bucket, dtype=np.int32)[None]
-        cache = self._scoring_caches.pop(bucket, None) or self.runner.new_cache(1, bucket)
+        cache = self._scoring_caches.pop(bucket, None) or self.runner.new_cache(
+            1, bucket, self.engine.config.kv_cache_dtype
+        )
         logits, self._scoring_caches[bucket] = self.runner.forward(
             self.runner.params, tokens, positions, cache
         )

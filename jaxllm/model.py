@@ -104,10 +104,9 @@ class Attention(nnx.Module):
         positions: Int[Array, "B T"],
         cos: Float[Array, "B T H"],
         sin: Float[Array, "B T H"],
-        cache_k: Float[Array, "B K S H"],
-        cache_v: Float[Array, "B K S H"],
+        cache: kv_cache.LayerCache,
         attend_len: int | None = None,
-    ):
+    ) -> tuple[Float[Array, "B T D"], kv_cache.LayerCache]:
         # [B, T, N or K, H]: the weights are read in their stored [out, in] order.
         q = quantize.linear(x, self.wq[...], _scale(self.wq_scale))
         k = quantize.linear(x, self.wk[...], _scale(self.wk_scale))
@@ -118,12 +117,11 @@ class Attention(nnx.Module):
         k = rope.apply_rotary(k, cos, sin)
         q = self.layout(q, "act_batch", "act_length", "act_heads", None)
 
-        cache_k = kv_cache.write(cache_k, k, positions)
-        cache_v = kv_cache.write(cache_v, v, positions)
+        cache = kv_cache.write(cache, k, v, positions)
         # Decode reads only the cache prefix that holds positions (the engine picks a length
         # that covers every running request), not the whole max_seq_len row of every slot.
-        keys = kv_cache.prefix(cache_k, attend_len)
-        values = kv_cache.prefix(cache_v, attend_len)
+        seen = kv_cache.prefix(cache, attend_len)
+        keys, values = seen.keys.astype(q.dtype), seen.values.astype(q.dtype)
 
         B, T, N, H = q.shape
         K = self.num_kv_heads
@@ -131,20 +129,25 @@ class Attention(nnx.Module):
         q = q.reshape(B, T, K, N // K, H)
         scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys).astype(jnp.float32)
         scores = scores * (H**-0.5)
+        if seen.key_scales is not None:  # int8 cache: scale each key's scores, not its bytes
+            scores = scores * seen.key_scales[:, :, None, None, :]
         # Cache index s holds absolute position s; a query sees positions up to its own.
         key_pos = jnp.arange(keys.shape[2])
         visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
         if self.window is not None:
             visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if seen.value_scales is not None:
+            probs = probs * seen.value_scales[:, :, None, None, :]
+        probs = probs.astype(values.dtype)
         out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(B, T, N, H)
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
         out = quantize.linear(out.reshape(B, T, N * H), self.wo[...], _scale(self.wo_scale), 2)
         if self.o_bias:
             out = out + self.bo[None, None]
-        return out, cache_k, cache_v
+        return out, cache
 
 
 class MLP(nnx.Module):
@@ -172,13 +175,11 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, layout, dtype, quantized, rngs)
         self.layout = layout
 
-    def __call__(self, x, positions, cos, sin, cache_k, cache_v, attend_len=None):
-        attn_out, cache_k, cache_v = self.attn(
-            self.attn_norm(x), positions, cos, sin, cache_k, cache_v, attend_len
-        )
+    def __call__(self, x, positions, cos, sin, cache: kv_cache.LayerCache, attend_len=None):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, cos, sin, cache, attend_len)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
-        return self.layout(x, "act_batch", "act_length", "act_embed"), cache_k, cache_v
+        return self.layout(x, "act_batch", "act_length", "act_embed"), cache
 
 
 class Transformer(nnx.Module):
@@ -225,13 +226,12 @@ class Transformer(nnx.Module):
         cfg = self.config
         inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
-        keys, values = [], []
+        layers = []
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k, v = block(x, positions, cos, sin, cache.keys[i], cache.values[i], attend_len)
-            keys.append(k)
-            values.append(v)
-        return self.final_norm(x), kv_cache.KVCache(tuple(keys), tuple(values))
+                x, layer = block(x, positions, cos, sin, cache.layer(i), attend_len)
+            layers.append(layer)
+        return self.final_norm(x), kv_cache.KVCache.of_layers(layers)
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         with jax.named_scope("lm_head"):

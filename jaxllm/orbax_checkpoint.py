@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxllm import quantize
+from jaxllm import quantize as quant
 from jaxllm.config import ModelConfig
 from jaxllm.hf_checkpoint import (
     CheckpointError,
@@ -118,11 +118,19 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def convert_hf_to_orbax(
-    hf_dir: str | Path, out_dir: str | Path, *, dtype=None, on_tensor: OnTensor = None
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype=None,
+    quantize: str | None = None,
+    on_tensor: OnTensor = None,
 ) -> Path:
     """Converts a Hugging Face folder (one or many safetensors files) into a checkpoint at
     ``out_dir``, one tensor at a time, cast to ``dtype`` (default: the dtype most of the
-    stored bytes have). ``on_tensor(name, nbytes)`` is called after each tensor is written."""
+    stored bytes have); ``quantize="int8"`` stores int8 weights and their scales
+    (``jaxllm.quantize``) instead. ``on_tensor(name, nbytes)`` is called after each tensor
+    is written."""
+    quant.check_method(quantize)
     hf_dir = Path(hf_dir)
     config = ModelConfig.from_hf_dir(hf_dir)
     ckpt = HFCheckpoint(hf_dir)
@@ -142,10 +150,26 @@ def convert_hf_to_orbax(
     def arrays():
         for name in sorted(layout):
             stored = layout[name]
-            yield name, _to_jaxllm_layout(ckpt.location[stored.name], stored, dtype), axes[name]
+            array = _to_jaxllm_layout(ckpt.location[stored.name], stored, dtype)
+            in_dims = quant.input_dims(name)
+            if quantize is None or in_dims is None:
+                yield name, array, axes[name]
+                continue
+            q, scale = (np.asarray(x) for x in quant.quantize(array, in_dims))
+            del array
+            yield name, q, axes[name]
+            yield quant.scale_name(name), scale, axes[name][: q.ndim - in_dims]
 
     config_text = (hf_dir / "config.json").read_text()
-    return _write(Path(out_dir), config_text, hf_dir, arrays(), on_tensor, host_arrays=True)
+    return _write(
+        Path(out_dir),
+        config_text,
+        hf_dir,
+        arrays(),
+        on_tensor,
+        host_arrays=True,
+        quantization=quantize,
+    )
 
 
 def save_state(
@@ -166,8 +190,8 @@ def save_state(
         if found != shape:
             raise ValueError(f"the state's {name!r} has shape {found}, the config gives {shape}")
     # A quantized state (jaxllm.quantize) carries a scale beside every int8 weight.
-    scales = [n for n in params if n.endswith(quantize.SCALE_SUFFIX)]
-    quantization = quantize.INT8 if scales else None
+    scales = [n for n in params if n.endswith(quant.SCALE_SUFFIX)]
+    quantization = quant.INT8 if scales else None
     arrays = (
         (name, var.get_value(), var.get_metadata().get("logical_axes"))
         for name, var in sorted(params.items())
@@ -331,8 +355,8 @@ def load_orbax_state(
     quantize_now = spec.quantized is not None and stored_quantization is None
     reads = dict(targets)
     if quantize_now:
-        for name in [n for n in reads if quantize.input_dims(n) is not None]:
-            del reads[quantize.scale_name(name)]
+        for name in [n for n in reads if quant.input_dims(n) is not None]:
+            del reads[quant.scale_name(name)]
             t = reads[name]
             reads[name] = jax.ShapeDtypeStruct(t.shape, spec.dtype, sharding=t.sharding)
     missing, extra = sorted(reads.keys() - stored.keys()), sorted(stored.keys() - reads.keys())
@@ -356,9 +380,9 @@ def load_orbax_state(
         for name in sorted(reads, key=lambda n: -np.prod(reads[n].shape)):
             array = _restore(loader, path, name, reads[name])
             nbytes = array.nbytes  # as read
-            if quantize_now and quantize.input_dims(name) is not None:
-                scale = quantize.scale_name(name)
-                q, s = quantize.quantize(array, quantize.input_dims(name))
+            if quantize_now and quant.input_dims(name) is not None:
+                scale = quant.scale_name(name)
+                q, s = quant.quantize(array, quant.input_dims(name))
                 del array
                 restored[name] = jax.device_put(q, targets[name].sharding)
                 restored[scale] = jax.device_put(s, targets[scale].sharding)

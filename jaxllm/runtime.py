@@ -59,7 +59,8 @@ class ModelRunner:
         picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)  # [B, 1, D]
         return model.logits(picked)[:, 0], cache
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+        """An empty cache; ``dtype`` None holds the model's dtype, ``"int8"`` quantizes."""
         cfg, spec = self.config, self.spec
         return KVCache.create(
             cfg.num_layers,
@@ -67,7 +68,7 @@ class ModelRunner:
             max_len,
             cfg.num_kv_heads,
             cfg.head_dim,
-            spec.dtype,
+            dtype or spec.dtype,
             spec.mesh,
             spec.rules,
         )

@@ -27,7 +27,8 @@ def _serve(args) -> int:
     config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     flags = {
         name: getattr(args, name)
-        for name in ("model", "mesh", "dtype", "rules", "host", "port", "metrics_port")
+        for name in ("model", "mesh", "dtype", "rules", "quantize", "host", "port")
+        + ("metrics_port",)
         + ("max_queue", "tls_cert", "tls_key", "auth_token_file", "drain_timeout_s")
         + ("stream_interval", "sample_prompt")
         if getattr(args, name) is not None
@@ -37,6 +38,7 @@ def _serve(args) -> int:
     engine = {
         name: getattr(args, name)
         for name in ("max_slots", "max_seq_len", "max_prompt_len", "steps_per_call")
+        + ("kv_cache_dtype",)
         if getattr(args, name) is not None
     }
     config = config.replace(engine=engine, **flags)

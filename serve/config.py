@@ -23,6 +23,7 @@ class ServeConfig:
     mesh: str | None = None  # e.g. "data=2,tensor=4"; None = all local devices, tensor-parallel
     dtype: str | None = None
     rules: str | None = None
+    quantize: str | None = None  # "int8": int8 weights (see jaxllm.quantize)
     engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # EngineConfig fields
     host: str = "127.0.0.1"  # loopback unless asked: the API has no auth by default
     port: int = 50051

@@ -174,6 +174,7 @@ def _load(config: ServeConfig, metrics: Metrics) -> LLM:
         mesh=config.mesh,
         dtype=config.dtype,
         rules=config.rules,
+        quantize=config.quantize,
         warm_up=False,
         **config.engine,
     )
