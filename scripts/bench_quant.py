@@ -1,0 +1,386 @@
+# ruff: noqa: E402  (TQDM_DISABLE must be set before jaxllm imports tqdm)
+"""Benchmark: what int8 weights, an int8 KV cache and MLP pruning cost and save, on this CPU.
+
+For two models, the bundled demo model (5.2M parameters, trained on Python source) and a
+larger random Llama written by ``transformers`` (~200M parameters by default), and for each
+setting:
+
+    f32           the model as stored (float32)
+    int8          int8 weights, per-output-channel scales (``LLM.load(quantize="int8")``)
+    int8+kv8      int8 weights and an int8 KV cache (``kv_cache_dtype="int8"``)
+    pruned25/50   25% / 50% of every layer's MLP channels removed (``jaxllm.prune``,
+                  importance measured on calibration text), float32
+
+it measures, in one process and one run:
+
+- memory: weight bytes (summed over the loaded arrays, scales included) and KV-cache bytes
+  per slot (from the engine's cache, scales included);
+- speed: batch-1 decode tokens/s (engine with ``max_slots=1``, the time between the first
+  and the last token of a long greedy output, so prefill is excluded) and MBU = bytes a step
+  must read (weights without the embedding table, plus the KV positions held) / step time /
+  read bandwidth measured in the same run; and output tokens/s with 8 requests at once;
+- quality: perplexity of held-out text (the demo model: the files of the demo corpus that
+  ``scripts/train_demo.py`` held out of training, rebuilt from this interpreter's stdlib; the
+  random model: none, its text is noise) and the mean KL divergence of next-token
+  distributions from float32's, KL(f32 || setting), over the same positions; greedy
+  agreement with float32 over the first 32 tokens of a few prompts (common prefix).
+
+The peer: Hugging Face transformers on the same random weights, float32 and with
+``torch.ao.quantization.quantize_dynamic`` int8 linear layers, batch-1 greedy decode.
+The limits: read bandwidth and float32 matmul rate, measured at the start (see
+bench_engine.py for how).
+
+Writes ``out/bench_quant.json`` and prints a table (the README's). Run from the repository
+root; ~10 minutes on a quiet 2-core machine, ``--quick`` ~3 minutes with a small random model:
+
+    python scripts/bench_quant.py [--quick] [--out out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+import jaxllm
+from jaxllm import prune
+from jaxllm.params import named_params, param_bytes
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_engine  # noqa: I001  (helpers: limits, noise meter, the random checkpoint)
+import train_demo  # the demo corpus and its held-out split
+
+GB = 1e9
+PROMPTS = [
+    "def fibonacci(n):",
+    "class Stack:\n    def __init__(self):",
+    "import os\n\ndef main():",
+    "for i in range(10):",
+    "    def __repr__(self):",
+    "if __name__ == '__main__':",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    load_options: dict  # LLM.load keyword arguments
+    prune_fraction: float = 0.0  # fraction of MLP channels removed first
+
+
+SETTINGS = (
+    Setting("f32", {}),
+    Setting("int8", {"quantize": "int8"}),
+    Setting("int8+kv8", {"quantize": "int8", "kv_cache_dtype": "int8"}),
+    Setting("pruned25", {}, 0.25),
+    Setting("pruned50", {}, 0.50),
+)
+
+
+# -- quality -------------------------------------------------------------------------------
+
+
+def demo_heldout_windows(llm: jaxllm.LLM, count: int, length: int) -> list[list[int]]:
+    """Windows of the demo corpus's held-out files (rebuilt from this interpreter's stdlib by
+    the split train_demo.py used), each file ending in EOS, as in training."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    _, heldout = train_demo.corpus_files(stdlib, 0.05, seed=0)
+    eos = llm.config.eos_token_ids[0]
+    stream = [
+        t for text in train_demo.read_texts(heldout) for t in [*llm.tokenizer.encode(text), eos]
+    ]
+    return [stream[i * length : (i + 1) * length] for i in range(min(count, len(stream) // length))]
+
+
+def log_probs(llm: jaxllm.LLM, windows: list[list[int]]) -> list[np.ndarray]:
+    """Next-token log-probabilities ``[T - 1, V]`` for each window."""
+    out = []
+    for ids in windows:
+        logits = llm.logits(ids)[:-1].astype(np.float64)
+        out.append(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
+    return out
+
+
+def quality(windows, logp: list[np.ndarray], reference: list[np.ndarray]) -> dict:
+    """Perplexity of the windows' next tokens, and mean KL(reference || this) in nats."""
+    nll = -sum(
+        lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].sum()
+        for ids, lp in zip(windows, logp, strict=True)
+    )
+    count = sum(len(ids) - 1 for ids in windows)
+    kl = sum((np.exp(r) * (r - lp)).sum() for r, lp in zip(reference, logp, strict=True)) / count
+    return {"perplexity": float(np.exp(nll / count)), "kl_vs_f32_nats": float(kl), "tokens": count}
+
+
+# -- speed ---------------------------------------------------------------------------------
+
+
+def decode_read_bytes(llm: jaxllm.LLM, held_positions: float) -> dict:
+    """Bytes one batch-1 decode step must read: every weight but the embedding table (one
+    row is gathered), and the KV cache's bytes for the positions the request holds."""
+    weights = named_params(llm.runner.state)
+    table = sum(weights[n].get_value().nbytes for n in ("embed", "embed_scale") if n in weights)
+    weight_bytes = param_bytes(llm.runner.state)
+    if not llm.config.tie_word_embeddings:
+        weight_bytes -= table
+    engine = llm.engine.config
+    per_position = llm.engine.kv_cache_bytes / (engine.max_slots * engine.max_seq_len)
+    kv = per_position * held_positions
+    return {"weights": weight_bytes, "kv_cache": kv, "total": weight_bytes + kv}
+
+
+def decode_speed(llm: jaxllm.LLM, prompt: list[int], tokens: int, read_gbps: float) -> dict:
+    bench_engine.engine_round(llm, [prompt], 4)  # compiles nothing new; warms caches
+    best = None
+    for _ in range(2):
+        done = bench_engine.engine_round(llm, [prompt], tokens)
+        if best is None or done.tpot_s[0] < best.tpot_s[0]:
+            best = done
+    step_s = best.tpot_s[0]
+    read = decode_read_bytes(llm, len(prompt) + tokens / 2)
+    return {
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": 1 / step_s,
+        "bytes_read_per_step": read,
+        "achieved_gbps": read["total"] / step_s / GB,
+        "mbu": read["total"] / step_s / GB / read_gbps,
+        "noise": dataclasses.asdict(best.noise),
+        "token_ids": best.token_ids[0],
+    }
+
+
+# -- one model, every setting --------------------------------------------------------------
+
+
+def prepare(setting: Setting, source: Path, work: Path, calibration: list[list[int]]) -> Path:
+    """The checkpoint a setting loads: the source, or a pruned copy of it."""
+    if not setting.prune_fraction:
+        return source
+    out = work / f"{setting.name}"
+    if not out.exists():
+        prune.prune_checkpoint(
+            source, out, mlp_fraction=setting.prune_fraction, calibration=calibration
+        )
+    return out
+
+
+def run_model(name: str, source: Path, windows, calibration, prompts, args, read_gbps) -> dict:
+    """Every setting on one model; the float32 logits are the KL reference."""
+    results: dict = {}
+    reference = None
+    reference_tokens: list[list[int]] | None = None
+    decode_prompt = prompts[0]
+    with tempfile.TemporaryDirectory(prefix=f"bench_quant_{name}_") as work:
+        for setting in SETTINGS:
+            print(f"  {name}: {setting.name}", flush=True)
+            path = prepare(setting, source, Path(work), calibration)
+            options = dict(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, **setting.load_options)
+            row: dict = {}
+            llm = jaxllm.LLM.load(path, max_slots=1, **options)
+            row["params"] = llm.config.num_params
+            row["weight_bytes"] = param_bytes(llm.runner.state)
+            row["kv_bytes_per_slot"] = llm.engine.kv_cache_bytes
+            row["kv_bytes_per_token"] = llm.engine.kv_cache_bytes / args.max_seq_len
+            logp = log_probs(llm, windows)
+            if reference is None:
+                reference = logp
+            row["quality"] = quality(windows, logp, reference)
+            outputs = llm.generate(prompts, max_tokens=32, temperature=0, ignore_eos=True)
+            tokens = [o.token_ids for o in outputs]
+            if reference_tokens is None:
+                reference_tokens = tokens
+            row["greedy_agreement_32"] = sum(
+                bench_engine.common_prefix(a, b)
+                for a, b in zip(reference_tokens, tokens, strict=True)
+            ) / (32 * len(prompts))
+            row["decode_batch1"] = decode_speed(llm, decode_prompt, args.decode_tokens, read_gbps)
+            row["decode_batch1"].pop("token_ids")
+            bench_engine.release(llm)
+            llm = jaxllm.LLM.load(path, max_slots=8, **options)
+            bench_engine.engine_round(llm, prompts[:1], 4)
+            eight = bench_engine.engine_round(llm, [decode_prompt] * 8, args.decode_tokens // 2)
+            row["tokens_per_s_8_concurrent"] = eight.tokens_per_s
+            bench_engine.release(llm)
+            results[setting.name] = row
+            gc.collect()
+    base = results["f32"]
+    for row in results.values():
+        row["weight_ratio_vs_f32"] = row["weight_bytes"] / base["weight_bytes"]
+        row["kv_slots_per_byte_vs_f32"] = base["kv_bytes_per_slot"] / row["kv_bytes_per_slot"]
+        row["decode_speedup_vs_f32"] = (
+            row["decode_batch1"]["tokens_per_s"] / base["decode_batch1"]["tokens_per_s"]
+        )
+        row["perplexity_change_vs_f32"] = (
+            row["quality"]["perplexity"] / base["quality"]["perplexity"] - 1
+        )
+    return results
+
+
+# -- the peer: transformers on the same random weights ------------------------------------
+
+
+def hf_decode_tokens_per_s(model, prompt: list[int], tokens: int) -> float:
+    """Batch-1 greedy decode tokens/s: (time for ``tokens`` - time for 1) / (tokens - 1)."""
+
+    def run(n):
+        start = time.perf_counter()
+        bench_engine.hf_generate(model, [prompt], n)
+        return time.perf_counter() - start
+
+    run(2)
+    one = min(run(1) for _ in range(2))
+    full = min(run(tokens) for _ in range(2))
+    return (tokens - 1) / (full - one)
+
+
+def run_peer(source: Path, prompt: list[int], tokens: int) -> dict:
+    model = bench_engine.load_hf(source)
+    out = {"f32_tokens_per_s": hf_decode_tokens_per_s(model, prompt, tokens)}
+    try:
+        quantized = torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear}, dtype=torch.qint8
+        )
+        out["dynamic_int8_tokens_per_s"] = hf_decode_tokens_per_s(quantized, prompt, tokens)
+    except Exception as e:  # the API is deprecated in newer torch: say so, not fail
+        out["dynamic_int8_error"] = f"{type(e).__name__}: {e}"
+    del model
+    gc.collect()
+    return out
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| model | setting | params | weights MB (x f32) | KV slots per byte (x f32) | "
+        "decode tok/s batch 1 (x f32) | MBU | tok/s at 8 | perplexity (change) | KL nats | "
+        "greedy 32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in ("demo", "random"):
+        for name, r in results[model].items():
+            q = r["quality"]
+            ppl = (
+                f"{q['perplexity']:.2f} ({r['perplexity_change_vs_f32']:+.1%})"
+                if model == "demo"
+                else "-"
+            )
+            lines.append(
+                f"| {model} | {name} | {r['params'] / 1e6:.2f}M | "
+                f"{r['weight_bytes'] / 1e6:.1f} ({r['weight_ratio_vs_f32']:.3f}) | "
+                f"{r['kv_slots_per_byte_vs_f32']:.2f} | "
+                f"{r['decode_batch1']['tokens_per_s']:.1f} ({r['decode_speedup_vs_f32']:.2f}) | "
+                f"{r['decode_batch1']['mbu']:.2f} | {r['tokens_per_s_8_concurrent']:.1f} | {ppl} | "
+                f"{q['kl_vs_f32_nats']:.4f} | {r['greedy_agreement_32']:.0%} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small random model, fewer windows")
+    p.add_argument("--out", type=Path, default=Path("out"))
+    p.add_argument("--windows", type=int, default=24, help="held-out windows of 256 tokens")
+    p.add_argument("--decode-tokens", type=int, default=96)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1408, 4, 8, 2
+        args.windows, args.decode_tokens = 8, 48
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    transformers.logging.set_verbosity_error()
+    started = time.perf_counter()
+    results: dict = {"settings": {k: str(v) for k, v in vars(args).items()}}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+    }
+    print("machine limits", flush=True)
+    bandwidth = bench_engine.measure_read_bandwidth(1.0, 5)
+    results["machine"]["read_bandwidth"] = bandwidth
+    results["machine"]["matmul"] = bench_engine.measure_matmul_rate(2048, 5)
+    read_gbps = bandwidth["best_read_gbps"]
+
+    print("demo model", flush=True)
+    demo = jaxllm.LLM.load(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, warm_up=False)
+    scored = demo_heldout_windows(demo, args.windows, args.max_seq_len)
+    # Calibration text for pruning: training files, never the scored held-out ones.
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    train_files, _ = train_demo.corpus_files(stdlib, 0.05, seed=0)
+    calib_ids = demo.tokenizer.encode("\n".join(train_demo.read_texts(train_files[:8])))
+    calibration = [
+        calib_ids[i : i + args.max_seq_len]
+        for i in range(0, 8 * args.max_seq_len, args.max_seq_len)
+    ]
+    prompts = [demo.tokenizer.encode(p) for p in PROMPTS]
+    bench_engine.release(demo)
+    results["demo"] = run_model(
+        "demo", jaxllm.demo.demo_model_dir(), scored, calibration, prompts, args, read_gbps
+    )
+
+    print("random model", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_quant_random_") as folder:
+        source = Path(folder)
+        args.prompt_len, args.decode_seq_len = 32, args.max_seq_len
+        results["random_model"] = bench_engine.build_checkpoint(source, args)
+        rng = np.random.default_rng(1)
+        random_windows = rng.integers(0, 256, size=(4, 128)).tolist()
+        random_calibration = rng.integers(0, 256, size=(4, 128)).tolist()
+        random_prompts = bench_engine.make_prompts(len(PROMPTS), 32, seed=2)
+        results["random"] = run_model(
+            "random", source, random_windows, random_calibration, random_prompts, args, read_gbps
+        )
+        print("  transformers peer", flush=True)
+        results["peer_transformers"] = run_peer(source, random_prompts[0], args.decode_tokens)
+    peer = results["peer_transformers"]
+    engine = results["random"]
+    results["ratios"] = {
+        "int8_vs_transformers_f32": engine["int8"]["decode_batch1"]["tokens_per_s"]
+        / peer["f32_tokens_per_s"],
+        "f32_vs_transformers_f32": engine["f32"]["decode_batch1"]["tokens_per_s"]
+        / peer["f32_tokens_per_s"],
+    }
+    if "dynamic_int8_tokens_per_s" in peer:
+        results["ratios"]["int8_vs_transformers_dynamic_int8"] = (
+            engine["int8"]["decode_batch1"]["tokens_per_s"] / peer["dynamic_int8_tokens_per_s"]
+        )
+    results["total_s"] = time.perf_counter() - started
+    report = table(results)
+    print(report)
+    print(json.dumps({"peer_transformers": peer, "ratios": results["ratios"]}, indent=1))
+    (args.out / "bench_quant.json").write_text(json.dumps(results, indent=1, default=float))
+    print(f"wrote {args.out / 'bench_quant.json'} in {results['total_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
