@@ -100,11 +100,23 @@ def linear(x: Float[Array, "B T I"], w: Array, scale: Array | None, in_dims: int
     wf = w2.astype(x.dtype)
     if B * T <= ROW_LOOP_MAX_ROWS and jax.default_backend() == "cpu":
         # One vector @ matrix.T per row: the spelling XLA:CPU fuses with the conversion.
+        x2 = _materialized(x2)
         y = jnp.stack([x2[r] @ wf.T for r in range(B * T)])
     else:
         y = x2 @ wf.T
     y = y * scale.reshape(1, -1).astype(y.dtype)
     return y.reshape(B, T, *out_shape)
+
+
+def _materialized(x: Array) -> Array:
+    """``x``, computed once into a buffer of its own. XLA:CPU fuses the elementwise ops that
+    produce a vector (RMS norm, SiLU, the attention output's reshape) into the vector-matrix
+    loop that consumes it, which then recomputes them for every output channel: measured,
+    that made the down and output projections 2-4x slower (profile of a decode step, hidden
+    1024: 0.8 -> 0.38 ms and 0.65 -> 0.16 ms per layer with this). A scatter is a fusion
+    boundary that XLA keeps; an optimization barrier and a max of two copies were both
+    simplified away."""
+    return jnp.zeros_like(x).at[:, jnp.arange(x.shape[1])].set(x)
 
 
 def embed(table: Array, scale: Array | None, tokens: Array, dtype) -> Array:
