@@ -118,11 +118,11 @@ def _blockwise(x: Float[Array, "R I"], w: Int8[Array, "O I"]) -> Float[Array, "R
     """``x @ w.T`` converting ``BLOCK_ROWS`` weight rows at a time inside a loop, so the
     float copy of a block stays in cache and is reused; converting the whole matrix first
     ran at ~0.25 G elements/s here (fresh buffers), slower than the float32 matmul itself."""
-    O, I = w.shape
-    block = max(d for d in range(1, min(O, BLOCK_ROWS) + 1) if O % d == 0)
-    blocks = w.reshape(O // block, block, I)
+    out, width = w.shape
+    block = max(d for d in range(1, min(out, BLOCK_ROWS) + 1) if out % d == 0)
+    blocks = w.reshape(out // block, block, width)
     y = jax.lax.map(lambda b: x @ b.astype(x.dtype).T, blocks)  # [O // block, R, block]
-    return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], O)
+    return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], out)
 
 
 def _materialized(x: Array) -> Array:
