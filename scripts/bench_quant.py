@@ -58,7 +58,6 @@ import torch
 import transformers
 
 import jaxllm
-from jaxllm import prune
 from jaxllm.params import named_params, param_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -173,6 +172,8 @@ def prepare(setting: Setting, source: Path, work: Path, calibration: list[list[i
         return source
     out = work / f"{setting.name}"
     if not out.exists():
+        from jaxllm import prune
+
         prune.prune_checkpoint(
             source, out, mlp_fraction=setting.prune_fraction, calibration=calibration
         )
@@ -186,7 +187,7 @@ def run_model(name: str, source: Path, windows, calibration, prompts, args, read
     reference_tokens: list[list[int]] | None = None
     decode_prompt = prompts[0]
     with tempfile.TemporaryDirectory(prefix=f"bench_quant_{name}_") as work:
-        for setting in SETTINGS:
+        for setting in (s for s in SETTINGS if s.name in args.settings):
             print(f"  {name}: {setting.name}", flush=True)
             path = prepare(setting, source, Path(work), calibration)
             options = dict(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, **setting.load_options)
@@ -306,6 +307,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", nargs="+", default=[s.name for s in SETTINGS])
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1408, 4, 8, 2
