@@ -1,0 +1,452 @@
+"""Structured pruning: remove whole MLP channels, leaving a smaller dense model of the same
+architecture that loads, shards and serves like any other.
+
+Importance measure (Wanda-style, computed per layer ``l`` and MLP channel ``j``)::
+
+    score[l, j] = mean over calibration tokens of |silu(gate_j) * up_j|  *  ||w_down[:, j]||_2
+
+i.e. the expected size of channel ``j``'s contribution to the layer's output: how strongly
+it fires on real text times how much each unit of its activation moves the residual stream.
+Weight norms alone ignore which channels the data uses; activations alone ignore how much
+a channel's output column amplifies it. Each layer keeps its highest-scored channels, the
+same number in every layer, because ``ModelConfig`` has one ``intermediate_size``. The kept
+width is rounded up to a multiple of ``multiple`` (default 8), so the new ``F`` still
+divides a tensor-parallel axis of that size (and more with a larger multiple; choose the
+tensor degree times 128 for TPU lanes). Kept channels stay in their original order.
+
+Pruning runs on float weights (prune first, then quantize) in one process: the parameters
+are gathered to the host, cut, and placed again into the shards of the model's mesh.
+
+Shapes use the glossary in ``jaxllm.config``; ``n`` is a number of token windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxllm import demo, kv_cache, orbax_checkpoint, rope
+from jaxllm.config import ModelConfig
+from jaxllm.engine import Engine, EngineConfig
+from jaxllm.llm import LLM
+from jaxllm.params import ModelSpec, named_params
+from jaxllm.runtime import ModelRunner
+from jaxllm.tokenizer import Tokenizer
+
+MEASURE = (
+    "per layer, per MLP channel j: mean over calibration tokens of |silu(gate_j) * up_j| "
+    "times the L2 norm of w_down[:, j] (Wanda-style expected output contribution)"
+)
+PRUNING_FILE = "pruning.json"  # written beside config.json in a pruned checkpoint
+DEFAULT_MULTIPLE = 8
+
+# Parameters whose MLP axis is cut, and which axis of the stored [out, in] array it is.
+_MLP_AXES = {"mlp.w_gate": 0, "mlp.w_up": 0, "mlp.w_down": 1}
+
+
+def _runner(model: LLM | ModelRunner) -> ModelRunner:
+    return model.runner if isinstance(model, LLM) else model
+
+
+# -- text -> token windows --------------------------------------------------------------------
+
+
+def token_windows(
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    length: int,
+    *,
+    stride: int | None = None,
+    limit: int | None = None,
+) -> Int[np.ndarray, "n length"]:
+    """Windows of ``length`` tokens from the texts packed into one stream (each text
+    encoded with its special tokens, then an EOS), every ``stride`` tokens (default
+    ``length``: non-overlapping), at most ``limit`` of them, from the start.
+
+    Perplexity takes ``length = T + 1, stride = T`` (as ``scripts/train_demo.py`` scored
+    the demo model): each window predicts its last T tokens, every token once."""
+    stride = stride or length
+    eos = sorted(tokenizer.eos_ids)[:1]
+    stream = np.asarray([t for text in texts for t in [*tokenizer.encode(text), *eos]], np.int32)
+    n = max(0, (len(stream) - length) // stride + 1)
+    n = n if limit is None else min(n, limit)
+    if n == 0:
+        raise ValueError(
+            f"the text gives {len(stream)} tokens, fewer than one window of {length}; "
+            "give more text"
+        )
+    return np.stack([stream[i * stride : i * stride + length] for i in range(n)])
+
+
+def demo_texts() -> tuple[list[str], list[str]]:
+    """(calibration, evaluation) texts for the bundled demo model: the second and the first
+    half of the files it never trained on (rebuilt from this interpreter's stdlib; raises
+    ``FileNotFoundError`` on another Python version). The first half holds the sample that
+    ``tests/test_demo_model.py`` scores."""
+    files = demo.heldout_files()
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    half = len(texts) // 2
+    return texts[half:], texts[:half]
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def _mlp_activation_sums(
+    model, tokens: Int[Array, "B T"], weight: Float[Array, " B"]
+) -> Float[Array, "L F"]:
+    """Sum over the (weighted) tokens of |silu(gate) * up| per layer and channel.
+
+    Runs the model's own submodules block by block, so that each MLP's input is at hand
+    (the model's forward returns only the final hidden state). Every token attends to
+    its window's earlier tokens through a fresh cache, as in a prefill."""
+    cfg = model.config
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    x = jnp.take(model.embed[...], tokens, axis=0)
+    inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
+    cache = kv_cache.empty(cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim, x.dtype)
+    sums = []
+    for i, block in enumerate(model.layers):
+        attn_out, _, _ = block.attn(
+            block.attn_norm(x), positions, cos, sin, cache.keys[i], cache.values[i]
+        )
+        x = x + attn_out
+        h = block.mlp_norm(x)
+        mlp = block.mlp
+        # [B, T, F]: what w_down reads; XLA shares these matmuls with mlp(h) below.
+        act = jax.nn.silu(jnp.einsum("BTD,FD->BTF", h, mlp.w_gate[...])) * jnp.einsum(
+            "BTD,FD->BTF", h, mlp.w_up[...]
+        )
+        sums.append(jnp.einsum("BTF,B->F", jnp.abs(act).astype(jnp.float32), weight))
+        x = x + mlp(h)
+    return jnp.stack(sums)
+
+
+def mlp_activation_means(
+    model: LLM | ModelRunner, windows: Int[np.ndarray, "n T"], *, batch: int = 8
+) -> Float[np.ndarray, "L F"]:
+    """Mean of |silu(gate_j) * up_j| over every token of ``windows``, per layer and channel."""
+    runner = _runner(model)
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2 or len(windows) == 0:
+        raise ValueError(
+            f"calibration windows must be a non-empty [n, T] array, got {windows.shape}"
+        )
+    if windows.shape[1] > runner.config.max_position_embeddings:
+        raise ValueError(
+            f"calibration windows of {windows.shape[1]} tokens exceed the model's context "
+            f"({runner.config.max_position_embeddings})"
+        )
+    graphdef = runner.graphdef
+
+    @jax.jit
+    def sums_of(state, tokens, weight):
+        return _mlp_activation_sums(nnx.merge(graphdef, state), tokens, weight)
+
+    state, total, count = runner.state, None, 0
+    for start in range(0, len(windows), batch):
+        rows = windows[start : start + batch]
+        weight = np.zeros(batch, np.float32)
+        weight[: len(rows)] = 1.0
+        # The last batch is padded with copies of its first row, weighted 0: one shape, one compile.
+        tokens = np.concatenate([rows, np.repeat(rows[:1], batch - len(rows), axis=0)])
+        part = np.asarray(sums_of(state, tokens, weight), np.float64)
+        total = part if total is None else total + part
+        count += len(rows) * windows.shape[1]
+    return (total / count).astype(np.float32)
+
+
+def mlp_channel_importance(
+    model: LLM | ModelRunner, windows: Int[np.ndarray, "n T"], *, batch: int = 8
+) -> Float[np.ndarray, "L F"]:
+    """The pruning score of every MLP channel (see ``MEASURE``): per layer, the mean
+    |silu(gate_j) * up_j| over the calibration tokens times ||w_down[:, j]||_2."""
+    runner = _runner(model)
+    means = mlp_activation_means(runner, windows, batch=batch)
+    params = named_params(runner.state)
+    norms = np.stack(
+        [
+            np.linalg.norm(
+                np.asarray(params[f"layers.{i}.mlp.w_down"].get_value(), np.float32), axis=0
+            )
+            for i in range(runner.config.num_layers)
+        ]
+    )
+    return means * norms
+
+
+def random_importance(config: ModelConfig, seed: int = 0) -> Float[np.ndarray, "L F"]:
+    """Scores that pick channels uniformly at random: the baseline a measure must beat."""
+    rng = np.random.default_rng(seed)
+    return rng.random((config.num_layers, config.intermediate_size)).astype(np.float32)
+
+
+@jax.jit
+def _row_nll(logits: Float[Array, "B T V"], targets: Int[Array, "B T"]) -> Float[Array, " B"]:
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0].sum(axis=1)
+
+
+def perplexity(
+    model: LLM | ModelRunner, windows: Int[np.ndarray, "n T1"], *, batch: int = 8
+) -> float:
+    """exp(mean NLL) of every window's last T tokens given the ones before (``T1 = T + 1``
+    tokens per window; ``token_windows(..., T + 1, stride=T)`` makes them)."""
+    runner = _runner(model)
+    windows = np.asarray(windows, np.int32)
+    T = windows.shape[1] - 1
+    if windows.ndim != 2 or len(windows) == 0 or T < 1:
+        raise ValueError(
+            f"evaluation windows must be a non-empty [n, T + 1] array, got {windows.shape}"
+        )
+    cache = runner.new_cache(batch, T)
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32)[None], (batch, T))
+    total = 0.0
+    for start in range(0, len(windows), batch):
+        rows = windows[start : start + batch]
+        padded = np.concatenate([rows, np.repeat(rows[:1], batch - len(rows), axis=0)])
+        # The cache is donated and handed back: every call rewrites positions 0..T-1.
+        logits, cache = runner.forward(runner.params, padded[:, :-1], positions, cache)
+        total += float(np.asarray(_row_nll(logits, padded[:, 1:]))[: len(rows)].sum())
+    return math.exp(total / (len(windows) * T))
+
+
+# -- cutting ----------------------------------------------------------------------------------
+
+
+def kept_width(width: int, remove_fraction: float, multiple: int = DEFAULT_MULTIPLE) -> int:
+    """Channels kept when ``remove_fraction`` of ``width`` is removed: ``width * (1 -
+    remove_fraction)`` rounded up to a multiple of ``multiple`` (never more than ``width``),
+    so at most the requested fraction goes."""
+    if not 0.0 <= remove_fraction < 1.0:
+        raise ValueError(f"the fraction to remove must be in [0, 1), got {remove_fraction}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be a positive integer, got {multiple}")
+    keep = min(width, math.ceil(width * (1.0 - remove_fraction) / multiple) * multiple)
+    return keep
+
+
+def kept_channels(importance: Float[np.ndarray, "L F"], keep: int) -> Int[np.ndarray, "L keep"]:
+    """Per layer, the indices of the ``keep`` highest-scored channels, in ascending order.
+    Ties go to the lower index (a stable sort), so the choice is deterministic."""
+    importance = np.asarray(importance)
+    if not 0 < keep <= importance.shape[1]:
+        raise ValueError(f"cannot keep {keep} of {importance.shape[1]} channels")
+    order = np.argsort(-importance, axis=1, kind="stable")[:, :keep]
+    return np.sort(order, axis=1)
+
+
+def host_params(state: nnx.State | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{"layers.0.mlp.w_up": ndarray}`` from a state (gathered from its shards, so a single
+    process must hold every shard) or from a mapping of arrays."""
+    if isinstance(state, nnx.State):
+        return {k: np.asarray(v.get_value()) for k, v in named_params(state).items()}
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+def prune_mlp(
+    params: nnx.State | Mapping[str, Any],
+    config: ModelConfig,
+    importance: Float[np.ndarray, "L F"],
+    *,
+    remove_fraction: float,
+    multiple: int = DEFAULT_MULTIPLE,
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(smaller config, host parameters) with the lowest-scored MLP channels of every layer
+    removed: each layer keeps ``kept_width(F, remove_fraction, multiple)`` channels, its
+    highest by ``importance`` ([L, F], e.g. ``mlp_channel_importance``). Other parameters
+    are returned unchanged. ``remove_fraction=0`` keeps every channel in order."""
+    L, F = config.num_layers, config.intermediate_size
+    importance = np.asarray(importance)
+    if importance.shape != (L, F):
+        raise ValueError(f"importance has shape {importance.shape}; this model needs {(L, F)}")
+    if not np.all(np.isfinite(importance)):
+        raise ValueError("importance has non-finite scores (NaN or inf in the calibration run?)")
+    keep = kept_width(F, remove_fraction, multiple)
+    if keep == 0:
+        raise ValueError(f"removing {remove_fraction} of {F} MLP channels would leave none")
+    kept = kept_channels(importance, keep)
+    params = host_params(params)
+    out = dict(params)
+    for i in range(L):
+        for suffix, axis in _MLP_AXES.items():
+            name = f"layers.{i}.{suffix}"
+            if name not in params:
+                raise ValueError(
+                    f"the parameters have no {name!r}; is this a {config.architecture}?"
+                )
+            out[name] = np.take(params[name], kept[i], axis=axis)
+    return dataclasses.replace(config, intermediate_size=keep), out
+
+
+def place(params: Mapping[str, np.ndarray], spec: ModelSpec) -> ModelRunner:
+    """A runner for host ``params`` put into the shards ``spec`` (config, dtype, mesh,
+    rules) gives them; shapes must match the config."""
+
+    def make(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+        value = params[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{name!r} has shape {value.shape}; the config needs {target.shape}")
+        value = np.asarray(value).astype(target.dtype)
+        return jax.make_array_from_callback(target.shape, target.sharding, value.__getitem__)
+
+    graphdef, state = spec.fill(make)
+    return ModelRunner(spec, graphdef, state)
+
+
+def pruned_llm(
+    llm: LLM,
+    importance: Float[np.ndarray, "L F"],
+    *,
+    remove_fraction: float,
+    multiple: int = DEFAULT_MULTIPLE,
+    warm_up: bool = False,
+    **engine_options,
+) -> LLM:
+    """A servable pruned copy of ``llm`` in memory, on the same mesh, rules and dtype, with
+    ``llm``'s engine options unless overridden. ``llm`` itself is left as it was."""
+    config, params = prune_mlp(
+        llm.runner.state, llm.config, importance, remove_fraction=remove_fraction, multiple=multiple
+    )
+    spec = dataclasses.replace(llm.runner.spec, config=config)
+    options = {**dataclasses.asdict(llm.engine.config), **engine_options}
+    engine = Engine(place(params, spec), llm.tokenizer, EngineConfig(**options))
+    return LLM(engine.start(warm_up=warm_up), f"{llm.name}-mlp{keep_percent(llm.config, config)}")
+
+
+def keep_percent(before: ModelConfig, after: ModelConfig) -> int:
+    return round(100 * after.intermediate_size / before.intermediate_size)
+
+
+# -- a checkpoint in, a smaller checkpoint out ---------------------------------------------------
+
+
+def prune_checkpoint(
+    src: str | Path | None,
+    dst: str | Path,
+    *,
+    mlp_fraction: float,
+    calibration_text: Sequence[str] | None = None,
+    eval_text: Sequence[str] | None = None,
+    multiple: int = DEFAULT_MULTIPLE,
+    calibration_windows: int = 128,
+    eval_windows: int = 128,
+    random_seed: int | None = None,
+    mesh=None,
+    log=print,
+) -> dict[str, Any]:
+    """Prunes ``mlp_fraction`` of every layer's MLP channels from the Orbax checkpoint ``src``
+    (``None``: the bundled demo model) and writes a checkpoint to ``dst``, with
+    ``pruning.json`` beside its config.json recording the measure, widths, parameter counts,
+    and held-out perplexity before and after. Returns that record.
+
+    ``calibration_text``: texts whose activations score the channels (default for the demo
+    model: half of its held-out files; required otherwise). ``eval_text``: other texts for the
+    perplexities (default: the demo model's other held-out half; otherwise the last fifth of
+    the calibration tokens, which are then not used for calibration). ``random_seed``: pick
+    channels at random instead (the baseline the measure should beat)."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
+    if src is not None and not orbax_checkpoint.is_orbax_checkpoint(src):
+        raise ValueError(
+            f"{src} is not a jaxllm Orbax checkpoint (no {orbax_checkpoint.METADATA_FILE}); "
+            "convert a Hugging Face folder first with `jaxllm convert HF_DIR OUT_DIR`"
+        )
+    kept_width(1, mlp_fraction, multiple)  # range checks before any loading
+    source = Path(src) if src is not None else demo.demo_model_dir()
+    eval_source = "given evaluation text"
+    if calibration_text is None:
+        if src is not None:
+            raise ValueError(
+                "give calibration text (--calibration FILE) for a model other than the demo model"
+            )
+        calibration_text, demo_eval = demo_texts()
+        calibration_source = "demo model held-out files, second half"
+        if eval_text is None:
+            eval_text, eval_source = demo_eval, "demo model held-out files, first half"
+    else:
+        calibration_source = "given text"
+
+    start = time.perf_counter()
+    llm = LLM.load(src, mesh=mesh, warm_up=False, max_slots=1)
+    try:
+        T = min(256, llm.max_seq_len)
+        if eval_text is None:
+            # Windows of T + 1 tokens every T: the last fifth scores perplexity, and the rest,
+            # cut to T tokens, calibrate; no token is in both.
+            windows = token_windows(llm.tokenizer, calibration_text, T + 1, stride=T)
+            if len(windows) < 2:
+                raise ValueError(
+                    "the calibration text is too short to hold some of it out for perplexity; "
+                    "give more text or separate evaluation text"
+                )
+            cut = max(1, len(windows) // 5)
+            calib, evaluation = windows[:-cut, :T], windows[-cut:]
+            eval_source = "last fifth of the calibration text (not used to calibrate)"
+        else:
+            calib = token_windows(llm.tokenizer, calibration_text, T)
+            evaluation = token_windows(llm.tokenizer, eval_text, T + 1, stride=T)
+        calib, evaluation = calib[:calibration_windows], evaluation[:eval_windows]
+        config = llm.config
+        if random_seed is None:
+            log(
+                f"scoring {config.num_layers} x {config.intermediate_size} MLP channels on "
+                f"{calib.size} calibration tokens"
+            )
+            importance, measure = mlp_channel_importance(llm, calib), MEASURE
+        else:
+            importance = random_importance(config, random_seed)
+            measure = f"random channels (seed {random_seed})"
+        log(f"perplexity on {evaluation[:, 1:].size} held-out tokens ({eval_source})")
+        ppl_before = perplexity(llm, evaluation)
+        new_config, params = prune_mlp(
+            llm.runner.state, config, importance, remove_fraction=mlp_fraction, multiple=multiple
+        )
+        kept = kept_channels(importance, new_config.intermediate_size)
+        spec = dataclasses.replace(llm.runner.spec, config=new_config)
+        runner = place(params, spec)
+        del params
+        ppl_after = perplexity(runner, evaluation)
+    finally:
+        llm.close()
+
+    record = {
+        "source": str(source),
+        "measure": measure,
+        "mlp_remove_fraction": mlp_fraction,
+        "multiple": multiple,
+        "intermediate_size": {
+            "before": config.intermediate_size,
+            "after": new_config.intermediate_size,
+        },
+        "params": {"before": config.num_params, "after": new_config.num_params},
+        "calibration": {"source": calibration_source, "tokens": int(calib.size)},
+        "perplexity": {
+            "before": ppl_before,
+            "after": ppl_after,
+            "source": eval_source,
+            "tokens": int(evaluation[:, 1:].size),
+        },
+        "kept_channels": kept.tolist(),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    orbax_checkpoint.save_state(
+        runner.state, new_config, dst, tokenizer_dir=orbax_checkpoint.tokenizer_dir(source)
+    )
+    # Written after the checkpoint is complete: the loader ignores it, it only informs.
+    (dst / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    return record
