@@ -251,10 +251,11 @@ def kept_channels(importance: Float[np.ndarray, "L F"], keep: int) -> Int[np.nda
 
 def host_params(state: nnx.State | Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``{"layers.0.mlp.w_up": ndarray}`` from a state (gathered from its shards, so a single
-    process must hold every shard) or from a mapping of arrays."""
+    process must hold every shard) or from a mapping of arrays. The arrays are writable
+    copies (a view of a device buffer would be read-only)."""
     if isinstance(state, nnx.State):
-        return {k: np.asarray(v.get_value()) for k, v in named_params(state).items()}
-    return {k: np.asarray(v) for k, v in state.items()}
+        return {k: np.array(v.get_value()) for k, v in named_params(state).items()}
+    return {k: np.array(v) for k, v in state.items()}
 
 
 def prune_mlp(
@@ -448,5 +449,13 @@ def prune_checkpoint(
         runner.state, new_config, dst, tokenizer_dir=orbax_checkpoint.tokenizer_dir(source)
     )
     # Written after the checkpoint is complete: the loader ignores it, it only informs.
-    (dst / PRUNING_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    (dst / PRUNING_FILE).write_text(_record_json(record))
     return record
+
+
+def _record_json(record: dict[str, Any]) -> str:
+    """The record as indented JSON, with each layer's kept channel list on one line."""
+    rows = record["kept_channels"]
+    text = json.dumps({**record, "kept_channels": "KEPT"}, indent=1)
+    kept = "[\n  " + ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in rows) + "\n ]"
+    return text.replace('"KEPT"', kept) + "\n"
