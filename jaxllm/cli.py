@@ -126,6 +126,7 @@ def _prune(args) -> int:
             args.model,
             args.out_dir,
             mlp_fraction=args.mlp_fraction,
+            heads_fraction=args.heads_fraction,
             calibration_text=read(args.calibration),
             eval_text=read(args.eval),
             multiple=args.multiple,
@@ -138,8 +139,15 @@ def _prune(args) -> int:
     except FileExistsError as e:
         raise ValueError(str(e)) from e
     params, width, ppl = record["params"], record["intermediate_size"], record["perplexity"]
-    print(f"measure: {record['measure']}")
+    print(f"MLP channel importance: {record['measure']['mlp']}")
     print(f"MLP width: {width['before']} -> {width['after']} channels in every layer")
+    if args.heads_fraction:
+        heads, kv = record["num_heads"], record["num_kv_heads"]
+        print(f"head importance: {record['measure']['heads']}")
+        print(
+            f"heads: {heads['before']} -> {heads['after']} query, {kv['before']} -> "
+            f"{kv['after']} key/value in every layer"
+        )
     change = params["after"] / params["before"] - 1
     print(f"parameters: {params['before']:,} -> {params['after']:,} ({change:+.1%})")
     change = ppl["after"] / ppl["before"] - 1
@@ -184,14 +192,15 @@ def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
     info.set_defaults(run=_info)
 
     # Cheap: importing the jaxllm package has already imported the runtime it uses.
-    from jaxllm.prune import DEFAULT_MULTIPLE, MEASURE
+    from jaxllm.prune import DEFAULT_MULTIPLE, HEAD_MEASURE, MEASURE
 
     prune = commands.add_parser(
         "prune",
         help="remove the least important MLP channels; write a smaller Orbax checkpoint",
-        description=f"Structured pruning. Importance: {MEASURE}. Every layer keeps the same "
-        "number of its highest-scored channels; prints parameters and held-out perplexity "
-        "before and after and records them in OUT_DIR/pruning.json.",
+        description=f"Structured pruning. MLP channel importance: {MEASURE}. Head importance: "
+        f"{HEAD_MEASURE}. Every layer keeps the same number of its highest-scored channels "
+        "(and heads); prints parameters and held-out perplexity before and after and records "
+        "them in OUT_DIR/pruning.json.",
     )
     prune.add_argument("out_dir", help="new folder for the pruned checkpoint")
     prune.add_argument("--model", help="jaxllm Orbax checkpoint (default: the demo model)")
@@ -201,6 +210,13 @@ def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
         type=float,
         required=True,
         help="fraction of each layer's MLP channels to remove, in [0, 1)",
+    )
+    prune.add_argument(
+        "--heads-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of query heads to remove, in [0, 1) (default 0): the same number from "
+        "every KV group, rounded down; with one query head per KV head, whole heads",
     )
     prune.add_argument(
         "--multiple",

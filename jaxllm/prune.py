@@ -48,6 +48,10 @@ MEASURE = (
     "per layer, per MLP channel j: mean over calibration tokens of |silu(gate_j) * up_j| "
     "times the L2 norm of w_down[:, j] (Wanda-style expected output contribution)"
 )
+HEAD_MEASURE = (
+    "per layer, per query head n: mean over calibration tokens of ||wo[:, n, :] @ o_n||_2, "
+    "the L2 norm of the head's contribution to the attention output"
+)
 PRUNING_FILE = "pruning.json"  # written beside config.json in a pruned checkpoint
 DEFAULT_MULTIPLE = 8
 
@@ -103,14 +107,32 @@ def demo_texts() -> tuple[list[str], list[str]]:
 # -- measuring --------------------------------------------------------------------------------
 
 
-def _mlp_activation_sums(
-    model, tokens: Int[Array, "B T"], weight: Float[Array, " B"]
-) -> Float[Array, "L F"]:
-    """Sum over the (weighted) tokens of |silu(gate) * up| per layer and channel.
+def _head_outputs(attn, x: Float[Array, "B T D"], *args) -> Float[Array, "B T N H"]:
+    """Each query head's attention output before the output projection: the module's own
+    attention math, run with an identity output projection and no output bias."""
+    wo, o_bias = attn.wo, attn.o_bias
+    _, N, H = wo[...].shape
+    attn.wo = nnx.Param(jnp.eye(N * H, dtype=wo[...].dtype).reshape(N * H, N, H))
+    attn.o_bias = False
+    try:
+        out, _, _ = attn(x, *args)
+    finally:
+        attn.wo, attn.o_bias = wo, o_bias
+    B, T, _ = out.shape
+    return out.reshape(B, T, N, H)
 
-    Runs the model's own submodules block by block, so that each MLP's input is at hand
-    (the model's forward returns only the final hidden state). Every token attends to
-    its window's earlier tokens through a fresh cache, as in a prefill."""
+
+def _calibration_sums(
+    model, tokens: Int[Array, "B T"], weight: Float[Array, " B"]
+) -> tuple[Float[Array, "L F"], Float[Array, "L N"]]:
+    """Sums over the (weighted) tokens of |silu(gate_j) * up_j| per layer and MLP channel,
+    and of ||wo[:, n, :] @ o_n||_2 per layer and query head.
+
+    Runs the model's own submodules block by block, so that each MLP's input and each
+    attention's heads are at hand (the model's forward returns only the final hidden state).
+    Every token attends to its window's earlier tokens through a fresh cache, as in a
+    prefill. XLA shares the work that the statistics repeat (the gate and up matmuls, the
+    attention itself)."""
     cfg = model.config
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
@@ -118,27 +140,44 @@ def _mlp_activation_sums(
     inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
     cache = kv_cache.empty(cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim, x.dtype)
-    sums = []
+    mlp_sums, head_sums = [], []
     for i, block in enumerate(model.layers):
-        attn_out, _, _ = block.attn(
-            block.attn_norm(x), positions, cos, sin, cache.keys[i], cache.values[i]
-        )
+        h = block.attn_norm(x)
+        args = (positions, cos, sin, cache.keys[i], cache.values[i])
+        attn_out, _, _ = block.attn(h, *args)
+        heads = _head_outputs(block.attn, h, *args)
+        wo = block.attn.wo[...]  # [D, N, H]
+        # ||wo_n o_n||^2 = o_n^T (wo_n^T wo_n) o_n: no [B, T, N, D] intermediate.
+        gram = jnp.einsum("DNH,DNI->NHI", wo, wo)
+        squared = jnp.einsum("BTNH,NHI,BTNI->BTN", heads, gram, heads).astype(jnp.float32)
+        head_sums.append(jnp.einsum("BTN,B->N", jnp.sqrt(jnp.maximum(squared, 0.0)), weight))
         x = x + attn_out
+
         h = block.mlp_norm(x)
         mlp = block.mlp
-        # [B, T, F]: what w_down reads; XLA shares these matmuls with mlp(h) below.
+        # [B, T, F]: what w_down reads.
         act = jax.nn.silu(jnp.einsum("BTD,FD->BTF", h, mlp.w_gate[...])) * jnp.einsum(
             "BTD,FD->BTF", h, mlp.w_up[...]
         )
-        sums.append(jnp.einsum("BTF,B->F", jnp.abs(act).astype(jnp.float32), weight))
+        mlp_sums.append(jnp.einsum("BTF,B->F", jnp.abs(act).astype(jnp.float32), weight))
         x = x + mlp(h)
-    return jnp.stack(sums)
+    return jnp.stack(mlp_sums), jnp.stack(head_sums)
 
 
-def mlp_activation_means(
+@dataclasses.dataclass(frozen=True)
+class Importance:
+    """Pruning scores from one calibration run: ``mlp`` [L, F] (``MEASURE``) and ``heads``
+    [L, N] (``HEAD_MEASURE``). Higher means more important."""
+
+    mlp: Float[np.ndarray, "L F"]
+    heads: Float[np.ndarray, "L N"]
+
+
+def importance(
     model: LLM | ModelRunner, windows: Int[np.ndarray, "n T"], *, batch: int = 8
-) -> Float[np.ndarray, "L F"]:
-    """Mean of |silu(gate_j) * up_j| over every token of ``windows``, per layer and channel."""
+) -> Importance:
+    """Scores every MLP channel and query head of ``model`` on the calibration token
+    ``windows`` (``token_windows(tokenizer, texts, T)``), ``batch`` windows per call."""
     runner = _runner(model)
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or len(windows) == 0:
@@ -154,30 +193,21 @@ def mlp_activation_means(
 
     @jax.jit
     def sums_of(state, tokens, weight):
-        return _mlp_activation_sums(nnx.merge(graphdef, state), tokens, weight)
+        return _calibration_sums(nnx.merge(graphdef, state), tokens, weight)
 
-    state, total, count = runner.state, None, 0
+    state, mlp, heads = runner.state, 0.0, 0.0
     for start in range(0, len(windows), batch):
         rows = windows[start : start + batch]
         weight = np.zeros(batch, np.float32)
         weight[: len(rows)] = 1.0
         # The last batch is padded with copies of its first row, weighted 0: one shape, one compile.
         tokens = np.concatenate([rows, np.repeat(rows[:1], batch - len(rows), axis=0)])
-        part = np.asarray(sums_of(state, tokens, weight), np.float64)
-        total = part if total is None else total + part
-        count += len(rows) * windows.shape[1]
-    return (total / count).astype(np.float32)
-
-
-def mlp_channel_importance(
-    model: LLM | ModelRunner, windows: Int[np.ndarray, "n T"], *, batch: int = 8
-) -> Float[np.ndarray, "L F"]:
-    """The pruning score of every MLP channel (see ``MEASURE``): per layer, the mean
-    |silu(gate_j) * up_j| over the calibration tokens times ||w_down[:, j]||_2."""
-    runner = _runner(model)
-    means = mlp_activation_means(runner, windows, batch=batch)
-    params = named_params(runner.state)
-    norms = np.stack(
+        mlp_part, heads_part = sums_of(state, tokens, weight)
+        mlp = mlp + np.asarray(mlp_part, np.float64)
+        heads = heads + np.asarray(heads_part, np.float64)
+    count = windows.size
+    params = named_params(state)
+    down_norms = np.stack(
         [
             np.linalg.norm(
                 np.asarray(params[f"layers.{i}.mlp.w_down"].get_value(), np.float32), axis=0
@@ -185,13 +215,35 @@ def mlp_channel_importance(
             for i in range(runner.config.num_layers)
         ]
     )
-    return means * norms
+    return Importance(
+        mlp=(mlp / count * down_norms).astype(np.float32),
+        heads=(heads / count).astype(np.float32),
+    )
 
 
-def random_importance(config: ModelConfig, seed: int = 0) -> Float[np.ndarray, "L F"]:
-    """Scores that pick channels uniformly at random: the baseline a measure must beat."""
+def mlp_channel_importance(
+    model: LLM | ModelRunner, windows: Int[np.ndarray, "n T"], *, batch: int = 8
+) -> Float[np.ndarray, "L F"]:
+    """The pruning score of every MLP channel (see ``MEASURE``): per layer, the mean
+    |silu(gate_j) * up_j| over the calibration tokens times ||w_down[:, j]||_2."""
+    return importance(model, windows, batch=batch).mlp
+
+
+def attention_head_importance(
+    model: LLM | ModelRunner, windows: Int[np.ndarray, "n T"], *, batch: int = 8
+) -> Float[np.ndarray, "L N"]:
+    """The pruning score of every query head (see ``HEAD_MEASURE``)."""
+    return importance(model, windows, batch=batch).heads
+
+
+def random_importance(config: ModelConfig, seed: int = 0) -> Importance:
+    """Scores that pick channels and heads uniformly at random: the baseline a measure
+    must beat."""
     rng = np.random.default_rng(seed)
-    return rng.random((config.num_layers, config.intermediate_size)).astype(np.float32)
+    L, F, N = config.num_layers, config.intermediate_size, config.num_heads
+    return Importance(
+        mlp=rng.random((L, F)).astype(np.float32), heads=rng.random((L, N)).astype(np.float32)
+    )
 
 
 @jax.jit
@@ -293,6 +345,78 @@ def prune_mlp(
     return dataclasses.replace(config, intermediate_size=keep), out
 
 
+def kept_heads(
+    head_importance: Float[np.ndarray, "L N"], config: ModelConfig, remove_fraction: float
+) -> tuple[Int[np.ndarray, "L N2"], bool]:
+    """(query heads kept per layer in ascending order, whether their KV heads go with them).
+
+    With grouped-query attention (G > 1) every KV group keeps its ``kept_width(G, fraction,
+    1)`` highest-scored query heads, the same number in each group and layer, so N stays a
+    multiple of K and the KV heads (and cache) stay. With one query head per KV head (G = 1)
+    whole heads go, each with its key/value head."""
+    L, N, K, G = config.num_layers, config.num_heads, config.num_kv_heads, config.group_size
+    head_importance = np.asarray(head_importance)
+    if head_importance.shape != (L, N):
+        raise ValueError(f"head importance has shape {head_importance.shape}; need {(L, N)}")
+    if not np.all(np.isfinite(head_importance)):
+        raise ValueError("head importance has non-finite scores")
+    if G == 1:
+        return kept_channels(head_importance, kept_width(N, remove_fraction, 1)), True
+    per_group = kept_channels(head_importance.reshape(L * K, G), kept_width(G, remove_fraction, 1))
+    # [L, K, G2] indices within each group -> query head indices k * G + g.
+    per_group = per_group.reshape(L, K, -1) + (np.arange(K) * G)[None, :, None]
+    return per_group.reshape(L, -1), False
+
+
+def prune_heads(
+    params: nnx.State | Mapping[str, Any],
+    config: ModelConfig,
+    head_importance: Float[np.ndarray, "L N"],
+    *,
+    remove_fraction: float,
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(smaller config, host parameters) without the lowest-scored query heads of every
+    layer (see ``kept_heads`` for what is removed together); ``head_dim`` is unchanged."""
+    kept, with_kv = kept_heads(head_importance, config, remove_fraction)
+    params = host_params(params)
+    out = dict(params)
+    # Which axis of each attention parameter is the query (or key/value) head axis.
+    axes = {"wq": 0, "bq": 0, "wo": 1}
+    if with_kv:
+        axes |= {"wk": 0, "wv": 0, "bk": 0, "bv": 0}
+    for i in range(config.num_layers):
+        for suffix, axis in axes.items():
+            name = f"layers.{i}.attn.{suffix}"
+            if name in params:  # biases exist only in some architectures
+                out[name] = np.take(params[name], kept[i], axis=axis)
+    n = kept.shape[1]
+    return dataclasses.replace(
+        config, num_heads=n, num_kv_heads=n if with_kv else config.num_kv_heads
+    ), out
+
+
+def prune(
+    params: nnx.State | Mapping[str, Any],
+    config: ModelConfig,
+    importance: Importance | Float[np.ndarray, "L F"],
+    *,
+    mlp_fraction: float,
+    heads_fraction: float = 0.0,
+    multiple: int = DEFAULT_MULTIPLE,
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """``prune_mlp`` and then, if ``heads_fraction`` > 0, ``prune_heads``. ``importance`` is an
+    ``Importance``, or MLP scores [L, F] alone when no heads are removed."""
+    mlp_scores = importance.mlp if isinstance(importance, Importance) else importance
+    config, out = prune_mlp(
+        params, config, mlp_scores, remove_fraction=mlp_fraction, multiple=multiple
+    )
+    if heads_fraction:
+        if not isinstance(importance, Importance):
+            raise ValueError("removing heads needs head scores: pass an Importance")
+        config, out = prune_heads(out, config, importance.heads, remove_fraction=heads_fraction)
+    return config, out
+
+
 def place(params: Mapping[str, np.ndarray], spec: ModelSpec) -> ModelRunner:
     """A runner for host ``params`` put into the shards ``spec`` (config, dtype, mesh,
     rules) gives them; shapes must match the config."""
@@ -310,26 +434,30 @@ def place(params: Mapping[str, np.ndarray], spec: ModelSpec) -> ModelRunner:
 
 def pruned_llm(
     llm: LLM,
-    importance: Float[np.ndarray, "L F"],
+    importance: Importance | Float[np.ndarray, "L F"],
     *,
     remove_fraction: float,
+    heads_fraction: float = 0.0,
     multiple: int = DEFAULT_MULTIPLE,
     warm_up: bool = False,
     **engine_options,
 ) -> LLM:
-    """A servable pruned copy of ``llm`` in memory, on the same mesh, rules and dtype, with
-    ``llm``'s engine options unless overridden. ``llm`` itself is left as it was."""
-    config, params = prune_mlp(
-        llm.runner.state, llm.config, importance, remove_fraction=remove_fraction, multiple=multiple
+    """A servable pruned copy of ``llm`` in memory (``remove_fraction`` of the MLP channels
+    and ``heads_fraction`` of the query heads removed, see ``prune``), on the same mesh,
+    rules and dtype, with ``llm``'s engine options unless overridden. ``llm`` is unchanged."""
+    config, params = prune(
+        llm.runner.state,
+        llm.config,
+        importance,
+        mlp_fraction=remove_fraction,
+        heads_fraction=heads_fraction,
+        multiple=multiple,
     )
     spec = dataclasses.replace(llm.runner.spec, config=config)
     options = {**dataclasses.asdict(llm.engine.config), **engine_options}
     engine = Engine(place(params, spec), llm.tokenizer, EngineConfig(**options))
-    return LLM(engine.start(warm_up=warm_up), f"{llm.name}-mlp{keep_percent(llm.config, config)}")
-
-
-def keep_percent(before: ModelConfig, after: ModelConfig) -> int:
-    return round(100 * after.intermediate_size / before.intermediate_size)
+    name = f"{llm.name}-f{config.intermediate_size}-n{config.num_heads}"
+    return LLM(engine.start(warm_up=warm_up), name)
 
 
 # -- a checkpoint in, a smaller checkpoint out ---------------------------------------------------
@@ -340,6 +468,7 @@ def prune_checkpoint(
     dst: str | Path,
     *,
     mlp_fraction: float,
+    heads_fraction: float = 0.0,
     calibration_text: Sequence[str] | None = None,
     eval_text: Sequence[str] | None = None,
     multiple: int = DEFAULT_MULTIPLE,
@@ -349,10 +478,11 @@ def prune_checkpoint(
     mesh=None,
     log=print,
 ) -> dict[str, Any]:
-    """Prunes ``mlp_fraction`` of every layer's MLP channels from the Orbax checkpoint ``src``
-    (``None``: the bundled demo model) and writes a checkpoint to ``dst``, with
-    ``pruning.json`` beside its config.json recording the measure, widths, parameter counts,
-    and held-out perplexity before and after. Returns that record.
+    """Prunes ``mlp_fraction`` of every layer's MLP channels (and ``heads_fraction`` of its
+    query heads, see ``kept_heads``) from the Orbax checkpoint ``src`` (``None``: the
+    bundled demo model) and writes a checkpoint to ``dst``, with ``pruning.json`` beside its
+    config.json recording the measures, widths, head counts, parameter counts, held-out
+    perplexity before and after, and what was kept. Returns that record.
 
     ``calibration_text``: texts whose activations score the channels (default for the demo
     model: half of its held-out files; required otherwise). ``eval_text``: other texts for the
@@ -368,6 +498,7 @@ def prune_checkpoint(
             "convert a Hugging Face folder first with `jaxllm convert HF_DIR OUT_DIR`"
         )
     kept_width(1, mlp_fraction, multiple)  # range checks before any loading
+    kept_width(1, heads_fraction, 1)
     source = Path(src) if src is not None else demo.demo_model_dir()
     eval_source = "given evaluation text"
     if calibration_text is None:
@@ -405,19 +536,29 @@ def prune_checkpoint(
         config = llm.config
         if random_seed is None:
             log(
-                f"scoring {config.num_layers} x {config.intermediate_size} MLP channels on "
-                f"{calib.size} calibration tokens"
+                f"scoring {config.num_layers} x {config.intermediate_size} MLP channels and "
+                f"{config.num_layers} x {config.num_heads} heads on {calib.size} calibration tokens"
             )
-            importance, measure = mlp_channel_importance(llm, calib), MEASURE
+            scores, measure = importance(llm, calib), {"mlp": MEASURE, "heads": HEAD_MEASURE}
         else:
-            importance = random_importance(config, random_seed)
-            measure = f"random channels (seed {random_seed})"
+            scores = random_importance(config, random_seed)
+            measure = {
+                "mlp": f"random (seed {random_seed})",
+                "heads": f"random (seed {random_seed})",
+            }
         log(f"perplexity on {evaluation[:, 1:].size} held-out tokens ({eval_source})")
         ppl_before = perplexity(llm, evaluation)
-        new_config, params = prune_mlp(
-            llm.runner.state, config, importance, remove_fraction=mlp_fraction, multiple=multiple
+        new_config, params = prune(
+            llm.runner.state,
+            config,
+            scores,
+            mlp_fraction=mlp_fraction,
+            heads_fraction=heads_fraction,
+            multiple=multiple,
         )
-        kept = kept_channels(importance, new_config.intermediate_size)
+        kept = {"mlp_channels": kept_channels(scores.mlp, new_config.intermediate_size).tolist()}
+        if heads_fraction:
+            kept["query_heads"] = kept_heads(scores.heads, config, heads_fraction)[0].tolist()
         spec = dataclasses.replace(llm.runner.spec, config=new_config)
         runner = place(params, spec)
         del params
@@ -429,11 +570,14 @@ def prune_checkpoint(
         "source": str(source),
         "measure": measure,
         "mlp_remove_fraction": mlp_fraction,
+        "heads_remove_fraction": heads_fraction,
         "multiple": multiple,
         "intermediate_size": {
             "before": config.intermediate_size,
             "after": new_config.intermediate_size,
         },
+        "num_heads": {"before": config.num_heads, "after": new_config.num_heads},
+        "num_kv_heads": {"before": config.num_kv_heads, "after": new_config.num_kv_heads},
         "params": {"before": config.num_params, "after": new_config.num_params},
         "calibration": {"source": calibration_source, "tokens": int(calib.size)},
         "perplexity": {
@@ -442,7 +586,7 @@ def prune_checkpoint(
             "source": eval_source,
             "tokens": int(evaluation[:, 1:].size),
         },
-        "kept_channels": kept.tolist(),
+        "kept": kept,
         "seconds": round(time.perf_counter() - start, 1),
     }
     orbax_checkpoint.save_state(
@@ -454,8 +598,10 @@ def prune_checkpoint(
 
 
 def _record_json(record: dict[str, Any]) -> str:
-    """The record as indented JSON, with each layer's kept channel list on one line."""
-    rows = record["kept_channels"]
-    text = json.dumps({**record, "kept_channels": "KEPT"}, indent=1)
-    kept = "[\n  " + ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in rows) + "\n ]"
-    return text.replace('"KEPT"', kept) + "\n"
+    """The record as indented JSON, with each layer's list of kept indices on one line."""
+    text = json.dumps(record, indent=1)
+    for rows in record["kept"].values():
+        long = json.dumps(rows, indent=1).replace("\n", "\n  ")
+        short = "[\n   " + ",\n   ".join(json.dumps(r, separators=(",", ":")) for r in rows)
+        text = text.replace(long, short + "\n  ]", 1)
+    return text + "\n"

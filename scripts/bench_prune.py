@@ -74,7 +74,7 @@ def main() -> int:
     for fraction in (0.25, 0.5):
         for how, scores in (
             ("importance", importance),
-            ("random", prune.random_importance(full.config, seed=0)),
+            ("random", prune.random_importance(full.config, seed=0).mlp),
         ):
             models[f"{how} -{fraction:.0%}"] = prune.pruned_llm(
                 full, scores, remove_fraction=fraction

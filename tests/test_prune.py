@@ -15,7 +15,9 @@ import hf_models
 import jaxllm
 from jaxllm import cli, demo, prune
 from jaxllm import orbax_checkpoint as oc
+from jaxllm.params import ModelSpec
 from jaxllm.tokenizer import byte_level_tokenizer
+from sharding import DEFAULT_RULES, make_mesh
 
 HELDOUT_SAMPLE = Path(__file__).parent / "data" / "demo_heldout_sample.json"
 MESH = {"data": 2, "tensor": 4}
@@ -54,8 +56,12 @@ def test_importance_matches_a_transformers_reference_and_the_lowest_channels_go(
     torch_model = tiny[0]
     calib = windows(0)
     acts = []  # per layer: what down_proj reads, silu(gate) * up, [B, T, F]
+    heads = []  # per layer: what o_proj reads, the heads' outputs, [B, T, N * H]
     hooks = [
         layer.mlp.down_proj.register_forward_hook(lambda m, args, out: acts.append(args[0]))
+        for layer in torch_model.model.layers
+    ] + [
+        layer.self_attn.o_proj.register_forward_hook(lambda m, args, out: heads.append(args[0]))
         for layer in torch_model.model.layers
     ]
     try:
@@ -70,9 +76,18 @@ def test_importance_matches_a_transformers_reference_and_the_lowest_channels_go(
             for a, layer in zip(acts, torch_model.model.layers, strict=True)
         ]
     )
-    got = prune.mlp_channel_importance(llm, calib, batch=2)  # a padded last batch too
+    scores = prune.importance(llm, calib, batch=2)  # a padded last batch too
+    got = scores.mlp
     assert got.shape == (2, F)
     np.testing.assert_allclose(got, expected, rtol=2e-4)
+    # Heads: mean over tokens of the norm of each head's share of o_proj's output.
+    expected_heads = []
+    for o, layer in zip(heads, torch_model.model.layers, strict=True):
+        B, T, _ = o.shape
+        w = layer.self_attn.o_proj.weight.detach().reshape(-1, 4, 16)  # [D, N, H]
+        share = torch.einsum("btnh,dnh->btnd", o.reshape(B, T, 4, 16), w)
+        expected_heads.append(share.norm(dim=-1).mean(dim=(0, 1)).double().numpy())
+    np.testing.assert_allclose(scores.heads, np.stack(expected_heads), rtol=2e-4)
 
     config, params = prune.prune_mlp(llm.runner.state, llm.config, got, remove_fraction=0.3)
     keep = 72  # 96 * 0.7 = 67.2, rounded up to a multiple of 8
@@ -101,23 +116,58 @@ def test_keeping_every_channel_reproduces_the_logits_exactly(llm):
             np.testing.assert_array_equal(same.logits(ids), llm.logits(ids))
 
 
-def test_channels_that_contribute_nothing_are_removed_without_changing_the_output(llm):
-    """With a quarter of the channels' output columns zeroed, those score 0 and a 25% prune
-    removes exactly them: the output stays the same, which also checks that gate, up and
-    down are cut at the same indices."""
+def test_channels_and_heads_that_contribute_nothing_are_removed_without_changing_the_output(
+    llm,
+):
+    """With a quarter of the MLP channels' output columns and one query head per KV group's
+    output projection zeroed, those score 0, and pruning 25% of the channels and half the
+    heads removes exactly them: the output stays the same, which also checks that gate, up
+    and down (and wq and wo) are cut at the same indices."""
     params = prune.host_params(llm.runner.state)
     dead = np.random.default_rng(3).permutation(F)[: F // 4]
+    dead_heads = [1, 2]  # 4 query heads in 2 groups: one of each group
     for layer in range(2):
         params[f"layers.{layer}.mlp.w_down"][:, dead] = 0.0
+        params[f"layers.{layer}.attn.wo"][:, dead_heads] = 0.0
     full = prune.place(params, llm.runner.spec)
-    importance = prune.mlp_channel_importance(full, windows(4))
-    assert np.all(importance[:, dead] == 0) and np.all(np.delete(importance, dead, 1) > 0)
-    config, small = prune.prune_mlp(params, llm.config, importance, remove_fraction=0.25)
+    scores = prune.importance(full, windows(4))
+    assert np.all(scores.mlp[:, dead] == 0) and np.all(np.delete(scores.mlp, dead, 1) > 0)
+    assert np.all(scores.heads[:, dead_heads] == 0) and np.all(scores.heads[:, [0, 3]] > 0)
+    config, small = prune.prune(params, llm.config, scores, mlp_fraction=0.25, heads_fraction=0.5)
     assert config.intermediate_size == F - len(dead)
+    assert (config.num_heads, config.num_kv_heads) == (2, 2)
     pruned = prune.place(small, dataclasses.replace(llm.runner.spec, config=config))
     eval_windows = windows(5, n=2, length=33)
     assert prune.perplexity(pruned, eval_windows) == pytest.approx(
         prune.perplexity(full, eval_windows), rel=1e-5
+    )
+
+
+def test_heads_without_grouping_go_with_their_key_value_heads():
+    """One query head per KV head (N = K): a removed head takes its key/value head along."""
+    config = jaxllm.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    spec = ModelSpec(config, np.float32, make_mesh(MESH), DEFAULT_RULES)
+    params = prune.host_params(spec.random_state(0)[1])
+    for layer in range(2):
+        params[f"layers.{layer}.attn.wo"][:, layer] = 0.0  # head 0 in layer 0, head 1 in 1
+    full = prune.place(params, spec)
+    tokens = np.random.default_rng(6).integers(0, 64, (2, 17), dtype=np.int32)
+    scores = prune.importance(full, tokens[:, :16])
+    small_config, small = prune.prune(params, config, scores, mlp_fraction=0.0, heads_fraction=0.25)
+    assert (small_config.num_heads, small_config.num_kv_heads) == (3, 3)
+    np.testing.assert_array_equal(small["layers.1.attn.wk"], params["layers.1.attn.wk"][[0, 2, 3]])
+    pruned = prune.place(small, dataclasses.replace(spec, config=small_config))
+    assert prune.perplexity(pruned, tokens) == pytest.approx(
+        prune.perplexity(full, tokens), rel=1e-5
     )
 
 
@@ -127,6 +177,7 @@ def test_pruned_checkpoint_loads_on_8_device_meshes_and_generates(tiny, calibrat
         tiny[2],
         tmp_path / "half",
         mlp_fraction=0.5,
+        heads_fraction=0.5,
         calibration_text=text[:1],
         eval_text=[Path(hf_models.__file__).read_text()],
         calibration_windows=4,
@@ -135,13 +186,15 @@ def test_pruned_checkpoint_loads_on_8_device_meshes_and_generates(tiny, calibrat
         log=lambda line: None,
     )
     assert record["intermediate_size"] == {"before": F, "after": 48}
+    assert record["num_heads"] == {"before": 4, "after": 2} and record["num_kv_heads"]["after"] == 2
     assert np.isfinite(record["perplexity"]["before"]) and np.isfinite(
         record["perplexity"]["after"]
     )
     assert json.loads((tmp_path / "half" / prune.PRUNING_FILE).read_text()) == record
     assert oc.read_config(tmp_path / "half").intermediate_size == 48
+    assert oc.read_config(tmp_path / "half").num_heads == 2
     source = prune.host_params(oc.load_orbax_state(tiny[2], _spec_of(tiny[2]))[1])
-    kept = np.asarray(record["kept_channels"])
+    kept = np.asarray(record["kept"]["mlp_channels"])
     with jaxllm.LLM.load(tmp_path / "half", mesh=MESH, warm_up=False, max_slots=2) as small:
         assert small.config.intermediate_size == 48
         w_up = small.runner.state["layers"][1]["mlp"]["w_up"].get_value()
@@ -152,9 +205,6 @@ def test_pruned_checkpoint_loads_on_8_device_meshes_and_generates(tiny, calibrat
 
 
 def _spec_of(path):
-    from jaxllm.params import ModelSpec
-    from sharding import DEFAULT_RULES, make_mesh
-
     return ModelSpec(oc.read_config(path), np.float32, make_mesh(MESH), DEFAULT_RULES)
 
 
@@ -172,7 +222,7 @@ def test_cli_prunes_a_checkpoint_and_reports_the_quality_cost(
     assert record["perplexity"]["source"].startswith("last fifth")
     assert record["calibration"]["tokens"] == 5 * 256 and record["perplexity"]["tokens"] == 2 * 256
     assert record["params"]["after"] == oc.read_config(out).num_params
-    assert record["measure"] == prune.MEASURE
+    assert record["measure"] == {"mlp": prune.MEASURE, "heads": prune.HEAD_MEASURE}
 
 
 @pytest.mark.parametrize(
@@ -239,7 +289,7 @@ def test_demo_model_pruned_by_importance_beats_random_channels(capsys):
         heldout = prune.token_windows(full.tokenizer, files[::2], 257, stride=256)
         ppl = {"full": prune.perplexity(full, heldout)}
         scores = {"importance": prune.mlp_channel_importance(full, calib)}
-        scores["random"] = prune.random_importance(full.config, seed=0)
+        scores["random"] = prune.random_importance(full.config, seed=0).mlp
         for name, importance in scores.items():
             with prune.pruned_llm(full, importance, remove_fraction=0.25) as small:
                 assert small.config.intermediate_size == 576
