@@ -216,7 +216,8 @@ def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
         type=float,
         default=0.0,
         help="fraction of query heads to remove, in [0, 1) (default 0): the same number from "
-        "every KV group, rounded down; with one query head per KV head, whole heads",
+        "every KV group, at most that fraction; with one query head per KV head, whole heads "
+        "with their key/value heads",
     )
     prune.add_argument(
         "--multiple",

@@ -1,5 +1,5 @@
-"""Structured pruning: remove whole MLP channels, leaving a smaller dense model of the same
-architecture that loads, shards and serves like any other.
+"""Structured pruning: remove whole MLP channels (and attention heads), leaving a smaller
+dense model of the same architecture that loads, shards and serves like any other.
 
 Importance measure (Wanda-style, computed per layer ``l`` and MLP channel ``j``)::
 
@@ -13,6 +13,11 @@ same number in every layer, because ``ModelConfig`` has one ``intermediate_size`
 width is rounded up to a multiple of ``multiple`` (default 8), so the new ``F`` still
 divides a tensor-parallel axis of that size (and more with a larger multiple; choose the
 tensor degree times 128 for TPU lanes). Kept channels stay in their original order.
+
+Attention heads can go too (``HEAD_MEASURE``: per query head, the mean norm of its share of
+the output projection's result). With grouped-query attention every KV group keeps the same
+number of its highest-scored query heads, so N stays a multiple of K and the KV cache is
+unchanged; with one query head per KV head, whole heads go with their key/value heads.
 
 Pruning runs on float weights (prune first, then quantize) in one process: the parameters
 are gathered to the host, cut, and placed again into the shards of the model's mesh.
@@ -259,10 +264,15 @@ def perplexity(
     tokens per window; ``token_windows(..., T + 1, stride=T)`` makes them)."""
     runner = _runner(model)
     windows = np.asarray(windows, np.int32)
-    T = windows.shape[1] - 1
-    if windows.ndim != 2 or len(windows) == 0 or T < 1:
+    if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
         raise ValueError(
             f"evaluation windows must be a non-empty [n, T + 1] array, got {windows.shape}"
+        )
+    T = windows.shape[1] - 1
+    if T > runner.config.max_position_embeddings:
+        raise ValueError(
+            f"evaluation windows of {T} + 1 tokens exceed the model's context "
+            f"({runner.config.max_position_embeddings})"
         )
     cache = runner.new_cache(batch, T)
     positions = np.broadcast_to(np.arange(T, dtype=np.int32)[None], (batch, T))

@@ -1,17 +1,19 @@
 """Benchmark: structured MLP pruning of the demo model, quality and speed.
 
-For the full model and for 25% and 50% of every layer's MLP channels removed, each both by
-the importance measure of ``jaxllm.prune`` and at random (the baseline), it reports:
+For the full model, for 25% and 50% of every layer's MLP channels removed, and for half the
+query heads removed, each both by the importance measures of ``jaxllm.prune`` and at random
+(the baseline), it reports:
 parameters, held-out perplexity (the first half of the demo model's held-out files; the
 other half calibrates), and batch-1 greedy decode tokens/s through the serving engine.
 
 Decode speed is measured in interleaved rounds (every model once per round, median over
-rounds), so that load from other processes on a shared CPU hits all models alike. This
+rounds; "shape": the median of every timing of the models of that shape, importance and
+random alike), so that load from other processes on a shared CPU hits all models alike. This
 machine's memory read bandwidth is measured in the same run: batch-1 decode streams every
 weight once per token, so weight bytes x tokens/s against it says how near the limit a
 model runs.
 
-    python scripts/bench_prune.py [--rounds 5] [--tokens 128] [--eval-windows 256]
+    python scripts/bench_prune.py [--rounds 9] [--tokens 128] [--eval-windows 256]
 
 Writes out/bench_prune.json and prints a table. One CPU device (the default on CPU).
 """
@@ -53,7 +55,7 @@ def decode_seconds(llm, tokens: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tokens", type=int, default=128, help="decoded tokens per timing")
     parser.add_argument("--calibration-windows", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=256, help="256-token windows")
@@ -67,24 +69,27 @@ def main() -> int:
         full.tokenizer, heldout, 257, stride=256, limit=args.eval_windows
     )
     start = time.perf_counter()
-    importance = prune.mlp_channel_importance(full, calib)
+    scores = {"importance": prune.importance(full, calib)}
     scoring_s = time.perf_counter() - start
+    scores["random"] = prune.random_importance(full.config, seed=0)
 
     models = {"full": full}
     for fraction in (0.25, 0.5):
-        for how, scores in (
-            ("importance", importance),
-            ("random", prune.random_importance(full.config, seed=0).mlp),
-        ):
-            models[f"{how} -{fraction:.0%}"] = prune.pruned_llm(
-                full, scores, remove_fraction=fraction
+        for how, importance in scores.items():
+            models[f"{how} mlp-{fraction:.0%}"] = prune.pruned_llm(
+                full, importance, remove_fraction=fraction
             )
+    for how, importance in scores.items():  # half the query heads (one per KV group)
+        models[f"{how} heads-50%"] = prune.pruned_llm(
+            full, importance, remove_fraction=0.0, heads_fraction=0.5
+        )
 
     rows = {}
     for name, llm in models.items():
         cfg = llm.config
         rows[name] = {
             "intermediate_size": cfg.intermediate_size,
+            "num_heads": cfg.num_heads,
             "params": cfg.num_params,
             "weight_bytes": cfg.num_params * 4,
             "heldout_ppl": prune.perplexity(llm, evaluation),
@@ -97,8 +102,15 @@ def main() -> int:
     for _ in range(args.rounds):
         for name, llm in models.items():
             times[name].append(decode_seconds(llm, args.tokens))
+    # Models of one shape (importance or random) run the same computation: their timings
+    # pooled give a steadier figure on a shared CPU.
+    by_shape: dict[tuple, list[float]] = {}
+    for name, row in rows.items():
+        by_shape.setdefault((row["intermediate_size"], row["num_heads"]), []).extend(times[name])
     for name, row in rows.items():
         row["decode_tok_s"] = args.tokens / statistics.median(times[name])
+        shape_times = by_shape[(row["intermediate_size"], row["num_heads"])]
+        row["decode_tok_s_same_shape"] = args.tokens / statistics.median(shape_times)
         row["decode_s_all_rounds"] = times[name]
         # Weights streamed per second at that rate (the embedding table is only indexed).
         streamed = row["weight_bytes"] - full.config.vocab_size * full.config.hidden_size * 4
@@ -106,7 +118,7 @@ def main() -> int:
 
     result = {
         "model": full.name,
-        "measure": prune.MEASURE,
+        "measure": {"mlp": prune.MEASURE, "heads": prune.HEAD_MEASURE},
         "calibration_tokens": int(calib.size),
         "heldout_tokens": int(evaluation[:, 1:].size),
         "scoring_seconds": scoring_s,
@@ -123,12 +135,16 @@ def main() -> int:
         f"\n{result['heldout_tokens']} held-out tokens, {result['calibration_tokens']} "
         f"calibration tokens; memory read bandwidth {bandwidth:.1f} GB/s"
     )
-    print(f"{'model':<18} {'F':>5} {'params':>10} {'ppl':>8} {'d ppl':>7} {'tok/s':>7} {'x':>5}")
+    print(
+        f"{'model':<22} {'F':>5} {'N':>3} {'params':>10} {'ppl':>8} {'d ppl':>7} "
+        f"{'tok/s':>7} {'shape':>6} {'x':>5}"
+    )
     for name, row in rows.items():
         print(
-            f"{name:<18} {row['intermediate_size']:>5} {row['params']:>10,} "
+            f"{name:<22} {row['intermediate_size']:>5} {row['num_heads']:>3} {row['params']:>10,} "
             f"{row['heldout_ppl']:>8.2f} {row['heldout_ppl'] / base['heldout_ppl'] - 1:>+7.1%} "
-            f"{row['decode_tok_s']:>7.0f} {row['decode_tok_s'] / base['decode_tok_s']:>5.2f}"
+            f"{row['decode_tok_s']:>7.0f} {row['decode_tok_s_same_shape']:>6.0f} "
+            f"{row['decode_tok_s_same_shape'] / base['decode_tok_s_same_shape']:>5.2f}"
         )
     print(f"wrote {args.out}")
     for llm in models.values():

@@ -1,6 +1,7 @@
-"""Structured MLP pruning: the importance measure against an independent reference, exactly
-the lowest-scored channels removed, pruned checkpoints that load on 8-device meshes and
-generate, the ``jaxllm prune`` command, and a real quality check on the demo model."""
+"""Structured pruning of MLP channels and attention heads: the importance measures against
+an independent reference (transformers), exactly the lowest-scored channels and heads
+removed, pruned checkpoints that load on an 8-device mesh and generate, the ``jaxllm prune``
+command, and a real quality check on the demo model."""
 
 import dataclasses
 import json
@@ -171,14 +172,15 @@ def test_heads_without_grouping_go_with_their_key_value_heads():
     )
 
 
-def test_pruned_checkpoint_loads_on_8_device_meshes_and_generates(tiny, calibration_file, tmp_path):
-    text = [calibration_file.read_text()]
+def test_pruned_checkpoint_loads_on_an_8_device_mesh_and_generates(
+    tiny, calibration_file, tmp_path
+):
     record = prune.prune_checkpoint(
         tiny[2],
         tmp_path / "half",
         mlp_fraction=0.5,
         heads_fraction=0.5,
-        calibration_text=text[:1],
+        calibration_text=[calibration_file.read_text()],
         eval_text=[Path(hf_models.__file__).read_text()],
         calibration_windows=4,
         eval_windows=2,
