@@ -9,6 +9,8 @@ other half calibrates), and batch-1 greedy decode tokens/s through the serving e
 Decode speed is measured in interleaved rounds (every model once per round, median over
 rounds; "shape": the median of every timing of the models of that shape, importance and
 random alike), so that load from other processes on a shared CPU hits all models alike. This
+run also times single decode steps of the model alone (the jitted forward, no engine) and
+keeps the fastest, the figure least disturbed by other processes. This
 machine's memory read bandwidth is measured in the same run: batch-1 decode streams every
 weight once per token, so weight bytes x tokens/s against it says how near the limit a
 model runs.
@@ -51,6 +53,30 @@ def decode_seconds(llm, tokens: int) -> float:
     out = llm.generate(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True)
     assert len(out.token_ids) == tokens
     return time.perf_counter() - start
+
+
+def step_seconds(llm, calls: int, state: dict) -> list[float]:
+    """Wall time of each of ``calls`` batch-1 decode steps of the model alone (the jitted
+    forward of one token at position 100 over a 256-position cache; no sampling, no engine).
+    ``state`` carries the donated cache between calls."""
+    runner = llm.runner
+    if "cache" not in state:
+        state["cache"] = runner.new_cache(1, 256)
+        state["inputs"] = (
+            np.array([[7]], np.int32),
+            np.array([[100]], np.int32),
+            np.array([0], np.int32),
+        )
+    tokens, positions, last = state["inputs"]
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        logits, state["cache"] = runner.forward_at(
+            runner.params, tokens, positions, state["cache"], last, attend_len=256
+        )
+        logits.block_until_ready()
+        out.append(time.perf_counter() - start)
+    return out
 
 
 def main() -> int:
@@ -99,9 +125,14 @@ def main() -> int:
 
     bandwidth = read_bandwidth_gbs()
     times = {name: [] for name in models}
+    steps = {name: [] for name in models}
+    step_state = {name: {} for name in models}
+    for name, llm in models.items():
+        step_seconds(llm, 3, step_state[name])  # compile
     for _ in range(args.rounds):
         for name, llm in models.items():
             times[name].append(decode_seconds(llm, args.tokens))
+            steps[name].extend(step_seconds(llm, 50, step_state[name]))
     # Models of one shape (importance or random) run the same computation: their timings
     # pooled give a steadier figure on a shared CPU.
     by_shape: dict[tuple, list[float]] = {}
@@ -112,6 +143,9 @@ def main() -> int:
         shape_times = by_shape[(row["intermediate_size"], row["num_heads"])]
         row["decode_tok_s_same_shape"] = args.tokens / statistics.median(shape_times)
         row["decode_s_all_rounds"] = times[name]
+        # The fastest of many single steps: the least disturbed by other processes.
+        row["model_step_ms_min"] = 1e3 * min(steps[name])
+        row["model_step_ms_median"] = 1e3 * statistics.median(steps[name])
         # Weights streamed per second at that rate (the embedding table is only indexed).
         streamed = row["weight_bytes"] - full.config.vocab_size * full.config.hidden_size * 4
         row["weights_gb_s"] = streamed * row["decode_tok_s"] / 1e9
@@ -137,14 +171,16 @@ def main() -> int:
     )
     print(
         f"{'model':<22} {'F':>5} {'N':>3} {'params':>10} {'ppl':>8} {'d ppl':>7} "
-        f"{'tok/s':>7} {'shape':>6} {'x':>5}"
+        f"{'tok/s':>7} {'shape':>6} {'x':>5} {'step ms':>8} {'x':>5}"
     )
     for name, row in rows.items():
         print(
             f"{name:<22} {row['intermediate_size']:>5} {row['num_heads']:>3} {row['params']:>10,} "
             f"{row['heldout_ppl']:>8.2f} {row['heldout_ppl'] / base['heldout_ppl'] - 1:>+7.1%} "
             f"{row['decode_tok_s']:>7.0f} {row['decode_tok_s_same_shape']:>6.0f} "
-            f"{row['decode_tok_s_same_shape'] / base['decode_tok_s_same_shape']:>5.2f}"
+            f"{row['decode_tok_s_same_shape'] / base['decode_tok_s_same_shape']:>5.2f} "
+            f"{row['model_step_ms_min']:>8.3f} "
+            f"{base['model_step_ms_min'] / row['model_step_ms_min']:>5.2f}"
         )
     print(f"wrote {args.out}")
     for llm in models.values():
