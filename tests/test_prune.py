@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -23,6 +24,7 @@ from sharding import DEFAULT_RULES, make_mesh
 HELDOUT_SAMPLE = Path(__file__).parent / "data" / "demo_heldout_sample.json"
 MESH = {"data": 2, "tensor": 4}
 F = 96  # the tiny model's MLP width (hf_models._BASE)
+ONE_DEVICE = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +112,9 @@ def test_importance_matches_a_transformers_reference_and_the_lowest_channels_go(
 def test_keeping_every_channel_reproduces_the_logits_exactly(llm):
     importance = prune.mlp_channel_importance(llm, windows(1))
     ids = windows(2, n=1, length=40)[0].tolist()
-    # 1% of 96 rounds back up to all 96 channels (a multiple of 8).
-    for fraction in (0.0, 0.01):
-        with prune.pruned_llm(llm, importance, remove_fraction=fraction) as same:
-            assert same.config == llm.config
-            np.testing.assert_array_equal(same.logits(ids), llm.logits(ids))
+    with prune.pruned_llm(llm, importance, remove_fraction=0.0) as same:
+        assert same.config == llm.config
+        np.testing.assert_array_equal(same.logits(ids), llm.logits(ids))
 
 
 def test_channels_and_heads_that_contribute_nothing_are_removed_without_changing_the_output(
@@ -156,7 +156,7 @@ def test_heads_without_grouping_go_with_their_key_value_heads():
         head_dim=8,
         max_position_embeddings=64,
     )
-    spec = ModelSpec(config, np.float32, make_mesh(MESH), DEFAULT_RULES)
+    spec = ModelSpec(config, np.float32, ONE_DEVICE, DEFAULT_RULES)  # quicker to compile
     params = prune.host_params(spec.random_state(0)[1])
     for layer in range(2):
         params[f"layers.{layer}.attn.wo"][:, layer] = 0.0  # head 0 in layer 0, head 1 in 1
@@ -184,7 +184,7 @@ def test_pruned_checkpoint_loads_on_an_8_device_mesh_and_generates(
         eval_text=[Path(hf_models.__file__).read_text()],
         calibration_windows=4,
         eval_windows=2,
-        mesh=MESH,
+        mesh=ONE_DEVICE,  # pruned on one device, served on eight below
         log=lambda line: None,
     )
     assert record["intermediate_size"] == {"before": F, "after": 48}
@@ -286,7 +286,8 @@ def test_demo_model_pruned_by_importance_beats_random_channels(capsys):
     """A real check of the measure: on held-out text, removing the 25% of channels it scores
     lowest costs far less perplexity than removing random ones."""
     files = [f["text"] for f in json.loads(HELDOUT_SAMPLE.read_text())["files"]]
-    with jaxllm.LLM.load(warm_up=False, max_slots=1) as full:
+    # One device: this checks the measure, not sharding, and compiles much faster.
+    with jaxllm.LLM.load(mesh=ONE_DEVICE, warm_up=False, max_slots=1) as full:
         calib = prune.token_windows(full.tokenizer, files[1::2], 256)
         heldout = prune.token_windows(full.tokenizer, files[::2], 257, stride=256)
         ppl = {"full": prune.perplexity(full, heldout)}
