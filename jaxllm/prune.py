@@ -499,7 +499,8 @@ def prune_checkpoint(
     perplexities (default: the demo model's other held-out half; otherwise the last fifth of
     the calibration tokens, which are then not used for calibration). ``random_seed``: pick
     channels at random instead (the baseline the measure should beat)."""
-    dst = Path(dst)
+    # Absolute paths: Orbax rejects relative ones.
+    dst = Path(dst).absolute()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
     if src is not None and not orbax_checkpoint.is_orbax_checkpoint(src):
@@ -510,9 +511,10 @@ def prune_checkpoint(
     kept_width(1, mlp_fraction, multiple)  # range checks before any loading
     kept_width(1, heads_fraction, 1)
     source = Path(src) if src is not None else demo.demo_model_dir()
+    is_demo = source.resolve() == demo.DEMO_MODEL_DIR
     eval_source = "given evaluation text"
     if calibration_text is None:
-        if src is not None:
+        if not is_demo:
             raise ValueError(
                 "give calibration text (--calibration FILE) for a model other than the demo model"
             )
@@ -524,7 +526,7 @@ def prune_checkpoint(
         calibration_source = "given text"
 
     start = time.perf_counter()
-    llm = LLM.load(src, mesh=mesh, warm_up=False, max_slots=1)
+    llm = LLM.load(source.absolute(), mesh=mesh, warm_up=False, max_slots=1)
     try:
         T = min(256, llm.max_seq_len)
         if eval_text is None:

@@ -173,7 +173,7 @@ def test_heads_without_grouping_go_with_their_key_value_heads():
 
 
 def test_pruned_checkpoint_loads_on_an_8_device_mesh_and_generates(
-    tiny, calibration_file, tmp_path
+    tiny, calibration_file, tmp_path, monkeypatch
 ):
     record = prune.prune_checkpoint(
         tiny[2],
@@ -197,7 +197,8 @@ def test_pruned_checkpoint_loads_on_an_8_device_mesh_and_generates(
     assert oc.read_config(tmp_path / "half").num_heads == 2
     source = prune.host_params(oc.load_orbax_state(tiny[2], _spec_of(tiny[2]))[1])
     kept = np.asarray(record["kept"]["mlp_channels"])
-    with jaxllm.LLM.load(tmp_path / "half", mesh=MESH, warm_up=False, max_slots=2) as small:
+    monkeypatch.chdir(tmp_path)  # a relative path, as `jaxllm generate --model half` gives
+    with jaxllm.LLM.load(Path("half"), mesh=MESH, warm_up=False, max_slots=2) as small:
         assert small.config.intermediate_size == 48
         w_up = small.runner.state["layers"][1]["mlp"]["w_up"].get_value()
         assert len(w_up.sharding.device_set) == 8 and not w_up.sharding.is_fully_replicated
