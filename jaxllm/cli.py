@@ -3,6 +3,7 @@
     jaxllm generate [--model PATH] [--mesh data=2,tensor=4] [sampling flags] PROMPT
     jaxllm convert HF_DIR OUT_DIR [--dtype bfloat16] [--quantize int8]
     jaxllm info [--model PATH] [--mesh ...]
+    jaxllm prune [--model PATH] OUT_DIR --mlp-fraction 0.25 [--calibration FILE ...]
 
 Without ``--model`` the embedded demo model is used.
 """
@@ -125,6 +126,54 @@ def _info(args) -> int:
     return 0
 
 
+def _prune(args) -> int:
+    from pathlib import Path
+
+    from jaxllm import prune
+
+    def read(files):
+        if not files:
+            return None
+        return [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+
+    try:
+        record = prune.prune_checkpoint(
+            args.model,
+            args.out_dir,
+            mlp_fraction=args.mlp_fraction,
+            heads_fraction=args.heads_fraction,
+            calibration_text=read(args.calibration),
+            eval_text=read(args.eval),
+            multiple=args.multiple,
+            calibration_windows=args.calibration_windows,
+            eval_windows=args.eval_windows,
+            random_seed=args.random_seed,
+            mesh=args.mesh,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except FileExistsError as e:
+        raise ValueError(str(e)) from e
+    params, width, ppl = record["params"], record["intermediate_size"], record["perplexity"]
+    print(f"MLP channel importance: {record['measure']['mlp']}")
+    print(f"MLP width: {width['before']} -> {width['after']} channels in every layer")
+    if args.heads_fraction:
+        heads, kv = record["num_heads"], record["num_kv_heads"]
+        print(f"head importance: {record['measure']['heads']}")
+        print(
+            f"heads: {heads['before']} -> {heads['after']} query, {kv['before']} -> "
+            f"{kv['after']} key/value in every layer"
+        )
+    change = params["after"] / params["before"] - 1
+    print(f"parameters: {params['before']:,} -> {params['after']:,} ({change:+.1%})")
+    change = ppl["after"] / ppl["before"] - 1
+    print(
+        f"held-out perplexity ({ppl['tokens']} tokens, {ppl['source']}): "
+        f"{ppl['before']:.2f} -> {ppl['after']:.2f} ({change:+.1%})"
+    )
+    print(f"wrote {args.out_dir} (pruning.json beside config.json records these)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     return build_commands()[0]
 
@@ -159,6 +208,64 @@ def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
     info = commands.add_parser("info", help="describe the loaded model and its layout")
     add_model_args(info)
     info.set_defaults(run=_info)
+
+    # Cheap: importing the jaxllm package has already imported the runtime it uses.
+    from jaxllm.prune import DEFAULT_MULTIPLE, HEAD_MEASURE, MEASURE
+
+    prune = commands.add_parser(
+        "prune",
+        help="remove the least important MLP channels; write a smaller Orbax checkpoint",
+        description=f"Structured pruning. MLP channel importance: {MEASURE}. Head importance: "
+        f"{HEAD_MEASURE}. Every layer keeps the same number of its highest-scored channels "
+        "(and heads); prints parameters and held-out perplexity before and after and records "
+        "them in OUT_DIR/pruning.json.",
+    )
+    prune.add_argument("out_dir", help="new folder for the pruned checkpoint")
+    prune.add_argument("--model", help="jaxllm Orbax checkpoint (default: the demo model)")
+    prune.add_argument("--mesh", help="device mesh, e.g. data=2,tensor=4 (default: tensor=all)")
+    prune.add_argument(
+        "--mlp-fraction",
+        type=float,
+        required=True,
+        help="fraction of each layer's MLP channels to remove, in [0, 1)",
+    )
+    prune.add_argument(
+        "--heads-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of query heads to remove, in [0, 1) (default 0): the same number from "
+        "every KV group, at most that fraction; with one query head per KV head, whole heads "
+        "with their key/value heads",
+    )
+    prune.add_argument(
+        "--multiple",
+        type=int,
+        default=DEFAULT_MULTIPLE,
+        help="round the kept width up to a multiple of this, e.g. the tensor-parallel degree "
+        f"(default {DEFAULT_MULTIPLE})",
+    )
+    prune.add_argument(
+        "--calibration",
+        action="append",
+        metavar="FILE",
+        help="text file whose activations score the channels (repeatable; default for the "
+        "demo model: half of its held-out stdlib files; required for other models)",
+    )
+    prune.add_argument(
+        "--eval",
+        action="append",
+        metavar="FILE",
+        help="other text for the perplexities (repeatable; default: the demo model's other "
+        "held-out half, else the last fifth of the calibration text, kept out of calibration)",
+    )
+    prune.add_argument("--calibration-windows", type=int, default=128, help="256-token windows")
+    prune.add_argument("--eval-windows", type=int, default=128, help="256-token windows")
+    prune.add_argument(
+        "--random-seed",
+        type=int,
+        help="remove random channels instead (the baseline the measure should beat)",
+    )
+    prune.set_defaults(run=_prune)
     return parser, commands
 
 

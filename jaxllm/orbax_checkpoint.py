@@ -214,6 +214,7 @@ def _write(
     """Writes a checkpoint into a hidden sibling of ``out_dir``, adds the metadata file once
     everything else is durable, and renames the folder into place. For numpy arrays
     (``host_arrays``), Orbax's defensive copy is skipped: nothing changes them meanwhile."""
+    out_dir = out_dir.absolute()  # Orbax rejects relative paths
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -341,7 +342,7 @@ def load_orbax_state(
 
     ``on_tensor(name, nbytes)`` is called after each parameter is placed (progress bars).
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax rejects relative paths
     meta = read_metadata(path)
     stored, stored_quantization = meta["params"], meta.get("quantization")
     targets = spec.targets()

@@ -37,7 +37,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
 import math  # noqa: E402
-import random  # noqa: E402
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402
 import time  # noqa: E402
@@ -50,6 +49,7 @@ import tokenizers  # noqa: E402
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from jaxllm.config import ModelConfig  # noqa: E402
+from jaxllm.demo import corpus_files  # noqa: E402
 from jaxllm.orbax_checkpoint import save_state  # noqa: E402
 from jaxllm.params import ModelSpec  # noqa: E402
 from jaxllm.tokenizer import Tokenizer, _HFBackend  # noqa: E402
@@ -58,36 +58,7 @@ from sharding import DATA_PARALLEL, make_mesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-# Folders of the stdlib left out of the corpus: test suites (huge, repetitive fixtures),
-# installed third-party packages, and generated data dressed as code: the codec tables of
-# encodings/ (12% of the bytes, more of the tokens) and pydoc_data's one giant string. With
-# them in, the first model answered `import ` with rows of a code page table.
-EXCLUDED_DIRS = {
-    "test",
-    "tests",
-    "idle_test",
-    "site-packages",
-    "dist-packages",
-    "__pycache__",
-    "encodings",
-    "pydoc_data",
-}
 PROMPTS = ["def fibonacci(n):", "import ", "class Stack:", "for i in range("]
-
-
-def corpus_files(stdlib: Path, heldout_fraction: float, seed: int) -> tuple[list, list]:
-    """Sorted stdlib .py files outside EXCLUDED_DIRS, split by file with a seeded shuffle."""
-    files = [
-        p
-        for p in sorted(stdlib.rglob("*.py"))
-        if not EXCLUDED_DIRS & set(p.relative_to(stdlib).parts[:-1])
-    ]
-    order = list(range(len(files)))
-    random.Random(seed).shuffle(order)
-    n_heldout = max(1, round(len(files) * heldout_fraction))
-    heldout = sorted(files[i] for i in order[:n_heldout])
-    train = sorted(files[i] for i in order[n_heldout:])
-    return train, heldout
 
 
 def read_texts(files: list[Path]) -> list[str]:
