@@ -120,7 +120,7 @@ def _head_outputs(attn, x: Float[Array, "B T D"], *args) -> Float[Array, "B T N 
     attn.wo = nnx.Param(jnp.eye(N * H, dtype=wo[...].dtype).reshape(N * H, N, H))
     attn.o_bias = False
     try:
-        out, _, _ = attn(x, *args)
+        out, _ = attn(x, *args)
     finally:
         attn.wo, attn.o_bias = wo, o_bias
     B, T, _ = out.shape
@@ -148,8 +148,8 @@ def _calibration_sums(
     mlp_sums, head_sums = [], []
     for i, block in enumerate(model.layers):
         h = block.attn_norm(x)
-        args = (positions, cos, sin, cache.keys[i], cache.values[i])
-        attn_out, _, _ = block.attn(h, *args)
+        args = (positions, cos, sin, cache.layer(i))
+        attn_out, _ = block.attn(h, *args)
         heads = _head_outputs(block.attn, h, *args)
         wo = block.attn.wo[...]  # [D, N, H]
         # ||wo_n o_n||^2 = o_n^T (wo_n^T wo_n) o_n: no [B, T, N, D] intermediate.
@@ -507,6 +507,11 @@ def prune_checkpoint(
         raise ValueError(
             f"{src} is not a jaxllm Orbax checkpoint (no {orbax_checkpoint.METADATA_FILE}); "
             "convert a Hugging Face folder first with `jaxllm convert HF_DIR OUT_DIR`"
+        )
+    if src is not None and orbax_checkpoint.read_quantization(src) is not None:
+        raise ValueError(
+            f"{src} holds quantized weights; prune the float checkpoint, then quantize the "
+            "pruned one (`LLM.load(..., quantize='int8')` or `jaxllm convert --quantize int8`)"
         )
     kept_width(1, mlp_fraction, multiple)  # range checks before any loading
     kept_width(1, heads_fraction, 1)

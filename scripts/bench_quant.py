@@ -44,7 +44,6 @@ import gc
 import json
 import os
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Sequence
@@ -58,11 +57,11 @@ import torch
 import transformers
 
 import jaxllm
+from jaxllm import orbax_checkpoint, prune
 from jaxllm.params import named_params, param_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_engine  # noqa: I001  (helpers: limits, noise meter, the random checkpoint)
-import train_demo  # the demo corpus and its held-out split
 
 GB = 1e9
 PROMPTS = [
@@ -94,15 +93,10 @@ SETTINGS = (
 # -- quality -------------------------------------------------------------------------------
 
 
-def demo_heldout_windows(llm: jaxllm.LLM, count: int, length: int) -> list[list[int]]:
-    """Windows of the demo corpus's held-out files (rebuilt from this interpreter's stdlib by
-    the split train_demo.py used), each file ending in EOS, as in training."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    _, heldout = train_demo.corpus_files(stdlib, 0.05, seed=0)
+def windows_of(llm: jaxllm.LLM, texts: list[str], count: int, length: int) -> list[list[int]]:
+    """Consecutive ``length``-token windows of the texts, each text ending in EOS."""
     eos = llm.config.eos_token_ids[0]
-    stream = [
-        t for text in train_demo.read_texts(heldout) for t in [*llm.tokenizer.encode(text), eos]
-    ]
+    stream = [t for text in texts for t in [*llm.tokenizer.encode(text), eos]]
     return [stream[i * length : (i + 1) * length] for i in range(min(count, len(stream) // length))]
 
 
@@ -166,21 +160,25 @@ def decode_speed(llm: jaxllm.LLM, prompt: list[int], tokens: int, read_gbps: flo
 # -- one model, every setting --------------------------------------------------------------
 
 
-def prepare(setting: Setting, source: Path, work: Path, calibration: list[list[int]]) -> Path:
-    """The checkpoint a setting loads: the source, or a pruned copy of it."""
+def prepare(setting: Setting, source: Path, work: Path, texts: tuple[list, list]) -> Path:
+    """The checkpoint a setting loads: the source, or a copy of it pruned by importance
+    measured on the calibration texts (``texts``: calibration, evaluation)."""
     if not setting.prune_fraction:
         return source
-    out = work / f"{setting.name}"
-    if not out.exists():
-        from jaxllm import prune
-
-        prune.prune_checkpoint(
-            source, out, mlp_fraction=setting.prune_fraction, calibration=calibration
-        )
+    out = work / setting.name
+    prune.prune_checkpoint(
+        source,
+        out,
+        mlp_fraction=setting.prune_fraction,
+        calibration_text=texts[0],
+        eval_text=texts[1],
+        mesh={"tensor": 1},
+        log=lambda line: None,
+    )
     return out
 
 
-def run_model(name: str, source: Path, windows, calibration, prompts, args, read_gbps) -> dict:
+def run_model(name: str, source: Path, windows, texts, prompts, args, read_gbps) -> dict:
     """Every setting on one model; the float32 logits are the KL reference."""
     results: dict = {}
     reference = None
@@ -189,7 +187,7 @@ def run_model(name: str, source: Path, windows, calibration, prompts, args, read
     with tempfile.TemporaryDirectory(prefix=f"bench_quant_{name}_") as work:
         for setting in (s for s in SETTINGS if s.name in args.settings):
             print(f"  {name}: {setting.name}", flush=True)
-            path = prepare(setting, source, Path(work), calibration)
+            path = prepare(setting, source, Path(work), texts)
             options = dict(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, **setting.load_options)
             row: dict = {}
             llm = jaxllm.LLM.load(path, max_slots=1, **options)
@@ -334,35 +332,46 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     print("demo model", flush=True)
     demo = jaxllm.LLM.load(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, warm_up=False)
-    scored = demo_heldout_windows(demo, args.windows, args.max_seq_len)
-    # Calibration text for pruning: training files, never the scored held-out ones.
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    train_files, _ = train_demo.corpus_files(stdlib, 0.05, seed=0)
-    calib_ids = demo.tokenizer.encode("\n".join(train_demo.read_texts(train_files[:8])))
-    calibration = [
-        calib_ids[i : i + args.max_seq_len]
-        for i in range(0, 8 * args.max_seq_len, args.max_seq_len)
-    ]
+    # Held-out files the model never trained on: the first half is scored, the second half
+    # calibrates pruning (jaxllm.prune.demo_texts).
+    calibration_texts, eval_texts = prune.demo_texts()
+    scored = windows_of(demo, eval_texts, args.windows, args.max_seq_len)
     prompts = [demo.tokenizer.encode(p) for p in PROMPTS]
     bench_engine.release(demo)
     results["demo"] = run_model(
-        "demo", jaxllm.demo.demo_model_dir(), scored, calibration, prompts, args, read_gbps
+        "demo",
+        jaxllm.demo.demo_model_dir(),
+        scored,
+        (calibration_texts, eval_texts),
+        prompts,
+        args,
+        read_gbps,
     )
 
     print("random model", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_quant_random_") as folder:
-        source = Path(folder)
+        hf_dir, source = Path(folder) / "hf", Path(folder) / "orbax"
         args.prompt_len, args.decode_seq_len = 32, args.max_seq_len
-        results["random_model"] = bench_engine.build_checkpoint(source, args)
+        results["random_model"] = bench_engine.build_checkpoint(hf_dir, args)
+        orbax_checkpoint.convert_hf_to_orbax(hf_dir, source)  # pruning reads Orbax
         rng = np.random.default_rng(1)
-        random_windows = rng.integers(0, 256, size=(4, 128)).tolist()
-        random_calibration = rng.integers(0, 256, size=(4, 128)).tolist()
+        # Random bytes: the random model's "text" (its perplexity means nothing; KL does).
+        noise = ["".join(map(chr, rng.integers(32, 127, 4096))) for _ in range(4)]
+        demo_like = jaxllm.LLM.load(source, mesh={"tensor": 1}, max_seq_len=256, warm_up=False)
+        random_windows = windows_of(demo_like, noise[2:], 4, 128)
+        bench_engine.release(demo_like)
         random_prompts = bench_engine.make_prompts(len(PROMPTS), 32, seed=2)
         results["random"] = run_model(
-            "random", source, random_windows, random_calibration, random_prompts, args, read_gbps
+            "random",
+            source,
+            random_windows,
+            (noise[:2], noise[2:]),
+            random_prompts,
+            args,
+            read_gbps,
         )
         print("  transformers peer", flush=True)
-        results["peer_transformers"] = run_peer(source, random_prompts[0], args.decode_tokens)
+        results["peer_transformers"] = run_peer(hf_dir, random_prompts[0], args.decode_tokens)
     peer = results["peer_transformers"]
     engine = results["random"]
     results["ratios"] = {

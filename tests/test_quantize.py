@@ -11,7 +11,7 @@ import pytest
 
 import hf_models
 import jaxllm
-from jaxllm import cli, kv_cache, orbax_checkpoint, quantize
+from jaxllm import cli, kv_cache, orbax_checkpoint, prune, quantize
 from jaxllm.params import named_params, param_bytes
 from jaxllm.tokenizer import byte_level_tokenizer
 
@@ -133,6 +133,9 @@ def test_int8_checkpoints_from_convert_and_from_load_agree(hf_dir, tmp_path):
     assert meta["params"]["layers.0.mlp.w_up"]["dtype"] == "int8"
     assert meta["params"]["layers.0.mlp.w_up_scale"]["shape"] == [96]
     assert meta["params"]["layers.0.attn.wo_scale"]["shape"] == [64]
+
+    with pytest.raises(ValueError, match="prune the float checkpoint, then quantize"):
+        prune.prune_checkpoint(out, tmp_path / "pruned", mlp_fraction=0.25, calibration_text=["x"])
 
     float_ckpt = orbax_checkpoint.convert_hf_to_orbax(hf_dir, tmp_path / "f32")
     ids = np.random.default_rng(4).integers(0, 320, size=30).tolist()
