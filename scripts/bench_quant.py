@@ -372,18 +372,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         print("  transformers peer", flush=True)
         results["peer_transformers"] = run_peer(hf_dir, random_prompts[0], args.decode_tokens)
-    peer = results["peer_transformers"]
-    engine = results["random"]
-    results["ratios"] = {
-        "int8_vs_transformers_f32": engine["int8"]["decode_batch1"]["tokens_per_s"]
-        / peer["f32_tokens_per_s"],
-        "f32_vs_transformers_f32": engine["f32"]["decode_batch1"]["tokens_per_s"]
-        / peer["f32_tokens_per_s"],
-    }
-    if "dynamic_int8_tokens_per_s" in peer:
-        results["ratios"]["int8_vs_transformers_dynamic_int8"] = (
-            engine["int8"]["decode_batch1"]["tokens_per_s"] / peer["dynamic_int8_tokens_per_s"]
-        )
+    peer, engine = results["peer_transformers"], results["random"]
+    results["ratios"] = {}
+    for name in engine:  # jaxllm batch-1 decode against the peer's, on the same weights
+        tokens_per_s = engine[name]["decode_batch1"]["tokens_per_s"]
+        results["ratios"][f"{name}_vs_transformers_f32"] = tokens_per_s / peer["f32_tokens_per_s"]
+        if "dynamic_int8_tokens_per_s" in peer:
+            results["ratios"][f"{name}_vs_transformers_dynamic_int8"] = (
+                tokens_per_s / peer["dynamic_int8_tokens_per_s"]
+            )
     results["total_s"] = time.perf_counter() - started
     report = table(results)
     print(report)
