@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 import jax
 
@@ -98,3 +99,13 @@ def describe() -> str:
         f"process {jax.process_index()} of {jax.process_count()}: "
         f"{jax.local_device_count()} local of {jax.device_count()} {jax.default_backend()} devices"
     )
+
+
+def local_share(arrays: Sequence[jax.Array]) -> tuple[int, int]:
+    """(bytes of distinct shards this process's devices hold, bytes of the whole arrays): how
+    much of a model a process restored, replicated copies on its devices counted once."""
+    held = 0
+    for array in arrays:
+        distinct = {str(shard.index): shard.data.nbytes for shard in array.addressable_shards}
+        held += sum(distinct.values())
+    return held, sum(array.nbytes for array in arrays)

@@ -21,7 +21,7 @@ import threading
 
 import jax
 
-from jaxllm import lockstep
+from jaxllm import distributed, lockstep
 from jaxllm.llm import LLM
 from serve.config import ServeConfig
 
@@ -62,6 +62,7 @@ def lead(llm: LLM, config: ServeConfig) -> lockstep.Leader:
     lockstep.exchange(leader.announcement)
     leader.accept(timeout_s=config.distributed_config.init_timeout_s)
     llm.engine.mirror = leader
+    _print_share(llm)
     log.info("leading %d processes over %s", jax.process_count(), leader.address)
     return leader
 
@@ -70,10 +71,6 @@ def follow(config: ServeConfig) -> int:
     """Processes 1..N-1 (in the main thread): load the same model and compile the same
     shapes as the leader, with no engine threads, then replay the leader's device calls
     until it stops. Returns the exit code."""
-    # Kubernetes and launchers signal every process at once; the leader drains and then
-    # stops its followers, which must keep stepping until it does.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: log.info("signal received; the leader decides when to stop"))
     llm = LLM.load(
         config.model,
         mesh=config.mesh,
@@ -82,19 +79,31 @@ def follow(config: ServeConfig) -> int:
         start=False,  # warm-up makes the same calls, in the same order, as the leader's
         **config.engine,
     )
+    _print_share(llm)
     announcement = lockstep.exchange()
     index = jax.process_index()
+
+    def ready() -> None:
+        # Kubernetes and launchers signal every process at once; the leader drains and then
+        # stops its followers, which must keep stepping until it does (or is lost).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: log.info("signalled; process 0 decides when to stop"))
+        print(f"jaxllm: process {index} following {announcement.split()[0]}", flush=True)
+
     try:
         calls = lockstep.follow(
-            llm.engine,
-            announcement,
-            index,
-            timeout_s=config.peer_timeout_s,
-            on_ready=lambda: print(
-                f"jaxllm: process {index} following {announcement.split()[0]}", flush=True
-            ),
+            llm.engine, announcement, index, timeout_s=config.peer_timeout_s, on_ready=ready
         )
     except lockstep.PeerLost as e:
         exit_now(f"process {index} lost the leader: {e}")
     log.info("the leader stopped; %d device calls replayed", calls)
     return 0
+
+
+def _print_share(llm: LLM) -> None:
+    held, total = distributed.local_share(llm.runner.params)
+    print(
+        f"jaxllm: process {jax.process_index()} holds {held} of {total} parameter bytes "
+        f"({distributed.describe()})",
+        flush=True,
+    )
