@@ -38,11 +38,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxllm.engine import Engine, PrefillBatch
+from jaxllm.engine import PrefillBatch
 from jaxllm.sampling import SamplingArrays
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ log = logging.getLogger(__name__)
 _FRAME = struct.Struct(">II")
 _MAX_HEADER, _MAX_BODY = 1 << 20, 1 << 30
 _ADDRESS_BYTES = 512  # the broadcast address text, zero-padded to a fixed shape
+
+
+@runtime_checkable
+class Replayer(Protocol):
+    """What a follower replays the leader's calls on: an ``Engine``."""
+
+    def run_prefill(self, batch: PrefillBatch) -> object: ...
+
+    def run_generate(self, attend_len: int) -> object: ...
 
 
 class PeerLost(RuntimeError):
@@ -280,7 +290,7 @@ class Leader:
 
 
 def follow(
-    engine: Engine,
+    engine: Replayer,
     announcement: str,
     process: int,
     *,
