@@ -65,7 +65,7 @@ while (( ${#running[@]} > 0 )); do
   wait -n -p finished "${!running[@]}"
   code=$?
   set -e
-  if [[ -z $finished ]]; then
+  if [[ -z ${finished:-} ]]; then
     continue  # a trapped signal interrupted the wait; the processes are still running
   fi
   echo "launch_local: process ${running[$finished]} (pid $finished) exited with status $code"
