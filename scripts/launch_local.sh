@@ -58,31 +58,35 @@ for ((i = 0; i < n; i++)); do
   echo "launch_local: process $i pid $!"
 done
 
+# Polled rather than `wait -n`: bash may report and forget a job that a signal ended while
+# the script was busy, after which `wait -n` no longer sees it; `wait PID` still has its status.
 status=0
+failed_at=""
+stopping=""
 while (( ${#running[@]} > 0 )); do
-  finished=""
-  set +e
-  wait -n -p finished "${!running[@]}"
-  code=$?
-  set -e
-  if [[ -z ${finished:-} ]]; then
-    continue  # a trapped signal interrupted the wait; the processes are still running
+  for pid in "${!running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      continue
+    fi
+    code=0
+    wait "$pid" || code=$?
+    echo "launch_local: process ${running[$pid]} (pid $pid) exited with status $code"
+    unset "running[$pid]"
+    if (( code != 0 && status == 0 )); then
+      status=$code
+      failed_at=$SECONDS
+    fi
+  done
+  # After a failure the others get 10 s to notice it themselves (they exit with their own
+  # message), then SIGTERM, then SIGKILL.
+  if [[ -n $failed_at ]]; then
+    if (( SECONDS - failed_at >= 15 )); then
+      stop_all KILL
+    elif (( SECONDS - failed_at >= 10 )) && [[ -z $stopping ]]; then
+      stopping=1
+      stop_all TERM
+    fi
   fi
-  echo "launch_local: process ${running[$finished]} (pid $finished) exited with status $code"
-  unset "running[$finished]"
-  if (( code != 0 && status == 0 )); then
-    status=$code
-    # The others notice a lost process themselves (within --peer-timeout-s) and exit with
-    # their own message; whatever still runs after that is stopped.
-    for ((tick = 0; tick < 40; tick++)); do
-      alive=0
-      for pid in "${!running[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then alive=1; fi
-      done
-      if (( alive == 0 )); then break; fi
-      sleep 0.25
-    done
-    stop_all TERM
-  fi
+  sleep 0.2
 done
 exit "$status"

@@ -96,8 +96,14 @@ class ServeConfig:
 
     @property
     def distributed_config(self) -> DistributedConfig:
+        # Before the lockstep channel exists (loading, compiling), JAX's coordination service
+        # is what notices a dead process; give it the same patience.
         return DistributedConfig(
-            self.coordinator, self.num_processes, self.process_id, auto=self.distributed
+            self.coordinator,
+            self.num_processes,
+            self.process_id,
+            auto=self.distributed,
+            heartbeat_timeout_s=max(10, round(self.peer_timeout_s)),
         )
 
     @property
