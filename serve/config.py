@@ -95,6 +95,13 @@ class ServeConfig:
         return dataclasses.replace(self, engine=engine, **changes)
 
     @property
+    def load_options(self) -> dict[str, Any]:
+        """``LLM.load`` keyword arguments besides the path. Every process of a multi-host
+        server loads with these: they decide which programs it compiles."""
+        options = dict(mesh=self.mesh, dtype=self.dtype, rules=self.rules, quantize=self.quantize)
+        return {**options, **self.engine}
+
+    @property
     def distributed_config(self) -> DistributedConfig:
         # Before the lockstep channel exists (loading, compiling), JAX's coordination service
         # is what notices a dead process; give it the same patience.

@@ -71,14 +71,9 @@ def follow(config: ServeConfig) -> int:
     """Processes 1..N-1 (in the main thread): load the same model and compile the same
     shapes as the leader, with no engine threads, then replay the leader's device calls
     until it stops. Returns the exit code."""
-    llm = LLM.load(
-        config.model,
-        mesh=config.mesh,
-        dtype=config.dtype,
-        rules=config.rules,
-        start=False,  # warm-up makes the same calls, in the same order, as the leader's
-        **config.engine,
-    )
+    # The leader's options (one list, ServeConfig.load_options, so they cannot drift apart),
+    # and a warm-up that makes the same calls in the same order as the leader's.
+    llm = LLM.load(config.model, start=False, **config.load_options)
     _print_share(llm)
     announcement = lockstep.exchange()
     index = jax.process_index()

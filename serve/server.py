@@ -178,15 +178,7 @@ async def serve(config: ServeConfig) -> int:
 
 def _load(config: ServeConfig, metrics: Metrics) -> LLM:
     start = time.perf_counter()
-    llm = LLM.load(
-        config.model,
-        mesh=config.mesh,
-        dtype=config.dtype,
-        rules=config.rules,
-        quantize=config.quantize,
-        warm_up=False,
-        **config.engine,
-    )
+    llm = LLM.load(config.model, warm_up=False, **config.load_options)
     loaded = time.perf_counter()
     metrics.load_seconds.set(loaded - start)
     # Warm-up here rather than in LLM.load so the two times are reported apart. The engine is
