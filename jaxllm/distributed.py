@@ -93,6 +93,17 @@ def initialize(config: DistributedConfig) -> bool:
     return jax.process_count() > 1
 
 
+def coordinator_host(config: DistributedConfig) -> str | None:
+    """Process 0's host as the other processes reach it: the coordinator given, or the one JAX
+    detected (``--distributed``; a private attribute, so read defensively)."""
+    if config.coordinator_host:
+        return config.coordinator_host
+    from jax._src import distributed as jax_distributed  # where JAX keeps the detected address
+
+    detected = getattr(getattr(jax_distributed, "global_state", None), "coordinator_address", None)
+    return detected.rpartition(":")[0].strip("[]") if isinstance(detected, str) else None
+
+
 def describe() -> str:
     """One line about this process's place in the cluster, for logs and ``cluster-info``."""
     return (

@@ -83,8 +83,9 @@ def exchange(address: str | None = None) -> str:
 
 
 def advertised_host(coordinator_host: str | None) -> str:
-    """The host followers dial: the coordinator's (process 0's) when it was given, else this
-    machine's address as its own name resolves."""
+    """The host followers dial: the coordinator's (process 0's: the others already reach it),
+    else this machine's address as its own name resolves (which some hosts map to 127.0.1.1:
+    give the coordinator explicitly there)."""
     if coordinator_host:
         return coordinator_host
     return socket.gethostbyname(socket.gethostname())

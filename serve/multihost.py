@@ -51,7 +51,7 @@ def lead(llm: LLM, config: ServeConfig) -> lockstep.Leader:
         timer.start()
         llm.engine.abort(lockstep.PeerLost(f"multi-host serving lost a process: {reason}"))
 
-    host = lockstep.advertised_host(config.distributed_config.coordinator_host)
+    host = lockstep.advertised_host(distributed.coordinator_host(config.distributed_config))
     leader = lockstep.Leader(
         host,
         jax.process_count() - 1,

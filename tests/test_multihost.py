@@ -197,7 +197,9 @@ def slurm_cluster(checkpoint, tmp_path, compile_cache):
 def test_killing_the_follower_ends_the_leader_with_an_error(slurm_cluster):
     """A stream is running when process 1 is killed: it fails, and process 0 exits non-zero
     on its own (well within --peer-timeout-s), saying which process it lost."""
-    (leader, follower), (leader_log, _), target = slurm_cluster
+    (leader, follower), (leader_log, follower_log), target = slurm_cluster
+    # The follower dialled the side channel at the coordinator host JAX detected.
+    assert "process 1 following localhost:" in follower_log.read_text()
     with Client(target) as client:
         stream = client.generate_stream("def f(x):", max_tokens=40, temperature=0, ignore_eos=True)
         next(stream)  # running
