@@ -87,6 +87,8 @@ while (( ${#running[@]} > 0 )); do
       stop_all TERM
     fi
   fi
-  sleep 0.2
+  # A signal sent to the whole process group (Ctrl-C, timeout, Kubernetes) also ends this
+  # sleep; that must not end the script under set -e while the processes drain.
+  sleep 0.2 || true
 done
 exit "$status"

@@ -57,6 +57,7 @@ class LocalCluster:
             env=env,
             stdout=self._out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal would give it
         )
         pids = self._wait_for(lambda: re.findall(r"process (\d+) pid (\d+)", self.launch_log()))
         while len(pids) < n:
@@ -90,8 +91,9 @@ class LocalCluster:
         raise AssertionError(f"cluster did not start:\n{self.launch_log()}\n{self.log(0)[-3000:]}")
 
     def stop(self) -> int:
+        """SIGTERM to the launcher and every process at once, as Ctrl-C or Kubernetes does."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             return self.proc.wait(60)
         finally:
@@ -147,8 +149,8 @@ def test_two_processes_serve_the_same_text_as_one_process(cluster, reference):
 
 
 def test_stopping_the_launcher_drains_the_leader_and_stops_the_followers(cluster):
-    """SIGTERM reaches every process; the followers keep stepping until the leader has
-    drained and tells them to stop; everyone exits 0."""
+    """SIGTERM reaches the launcher and every process at once; the followers keep stepping
+    until the leader has drained and tells them to stop; everyone, launcher too, exits 0."""
     cluster.wait_serving()
     assert cluster.stop() == 0, cluster.launch_log() + cluster.log(0)[-2000:]
     for process in (0, 1):
