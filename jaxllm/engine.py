@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +125,7 @@ class _Handoff(NamedTuple):
     owners: Sequence[tuple[int, Request]]  # (row, request)
 
 
-class _PrefillBatch(NamedTuple):
+class PrefillBatch(NamedTuple):
     """Host arrays for one prefill call of ``rows`` prompts padded to one bucket, and for the
     first-token sampler, whose row count is ``start_rows``. Padding rows name the slot
     ``max_slots``, which every device-side write drops."""
@@ -140,7 +140,7 @@ class _PrefillBatch(NamedTuple):
     @classmethod
     def of(
         cls, chunk: Sequence[tuple[int, Request]], rows: int, bucket: int, config: EngineConfig
-    ) -> _PrefillBatch:
+    ) -> PrefillBatch:
         width = config.start_rows
         tokens = np.zeros((rows, bucket), np.int32)
         lengths = np.ones((width,), np.int32)
@@ -156,9 +156,18 @@ class _PrefillBatch(NamedTuple):
         return cls(tokens, lengths[:rows], slots[:rows], lengths, slots, sampling)
 
     @classmethod
-    def empty(cls, rows: int, bucket: int, config: EngineConfig) -> _PrefillBatch:
+    def empty(cls, rows: int, bucket: int, config: EngineConfig) -> PrefillBatch:
         """All padding: compiles a shape without touching any slot."""
         return cls.of([], rows, bucket, config)
+
+
+class Mirror(Protocol):
+    """Told each device call's arguments before the engine makes it, so that other processes
+    of a multi-host mesh can make the same call (``jaxllm.lockstep.Leader``)."""
+
+    def prefill(self, batch: PrefillBatch) -> None: ...
+
+    def generate(self, attend_len: int) -> None: ...
 
 
 class Engine:
@@ -169,11 +178,13 @@ class Engine:
         # and serving hit the same compiled programs (a fresh numpy state or an XLA-chosen
         # output layout would each be a new cache key: a compile in the middle of serving).
         state_shardings = jax.tree.map(lambda x: x.sharding, self._state)
-        keep = (state_shardings, None)
+        # Sampled tokens are replicated: on a mesh spanning several processes the host can
+        # only read an array whose every element is on its own devices.
+        replicated = NamedSharding(runner.spec.mesh, PartitionSpec())
+        keep = (state_shardings, replicated)
         jit = functools.partial(jax.jit, donate_argnames="state", out_shardings=keep)
         # Each prefill shape is its own program; pinning the logits' layout keeps the one
         # first-token sampler they all feed from seeing a new input sharding (a recompile).
-        replicated = NamedSharding(runner.spec.mesh, PartitionSpec())
         self._prefill_insert = jax.jit(
             self._prefill_insert_impl,
             donate_argnames="state",
@@ -191,6 +202,7 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self.failure: BaseException | None = None
+        self.mirror: Mirror | None = None  # set on the leader of a multi-host server
         # (rows, bucket) -> prefill calls of that shape: what batching achieved, for metrics.
         self.prefill_calls: collections.Counter[tuple[int, int]] = collections.Counter()
 
@@ -297,7 +309,7 @@ class Engine:
         once (into the first slots, which are reset afterwards)."""
         start = time.perf_counter()
         for rows, bucket in self.config.prefill_shapes:
-            batch = _PrefillBatch.empty(rows, bucket, self.config)
+            batch = PrefillBatch.empty(rows, bucket, self.config)
             self._state, logits = self._prefill_insert(
                 self.runner.params, self._state, batch.tokens, batch.lengths, batch.slots
             )
@@ -314,6 +326,32 @@ class Engine:
             len(self.config.attend_lengths),
             time.perf_counter() - start,
         )
+
+    def abort(self, error: BaseException) -> None:
+        """Fails every queued and running request with ``error`` and refuses new ones (a lost
+        peer process: the device loop cannot go on)."""
+        self._fail(error)
+
+    # -- device calls: the engine thread makes them; a multi-host follower replays them ----
+
+    def run_prefill(self, batch: PrefillBatch) -> Int[Array, " R"]:
+        """One prefill call and the first-token sampler; returns the ``start_rows`` tokens."""
+        if self.mirror is not None:
+            self.mirror.prefill(batch)
+        self._state, logits = self._prefill_insert(
+            self.runner.params, self._state, batch.tokens, batch.lengths, batch.slots
+        )
+        self._state, first = self._start_slots(
+            self._state, logits, batch.lengths_padded, batch.slots_padded, batch.sampling
+        )
+        return first
+
+    def run_generate(self, attend_len: int) -> Int[Array, "n B"]:
+        """One generate call over every slot; returns the tokens ``[steps_per_call, B]``."""
+        if self.mirror is not None:
+            self.mirror.generate(attend_len)
+        self._state, tokens = self._generate(self.runner.params, self._state, attend_len)
+        return tokens
 
     # -- device steps (pure, jitted) ----------------------------------------------------
 
@@ -427,7 +465,7 @@ class Engine:
         attend_len = self.config.attend_len_for(end + steps)
         for row, _ in owners:
             self._next_position[row] += steps
-        self._state, tokens = self._generate(self.runner.params, self._state, attend_len)
+        tokens = self.run_generate(attend_len)
         tokens.copy_to_host_async()
         self._handoff.put(_Handoff(tokens, owners))
 
@@ -455,13 +493,8 @@ class Engine:
                 chunk = group[i : i + rows]
                 shape = (1 if len(chunk) == 1 else rows, bucket)
                 self.prefill_calls[shape] += 1
-                batch = _PrefillBatch.of(chunk, shape[0], bucket, self.config)
-                self._state, logits = self._prefill_insert(
-                    self.runner.params, self._state, batch.tokens, batch.lengths, batch.slots
-                )
-                self._state, first = self._start_slots(
-                    self._state, logits, batch.lengths_padded, batch.slots_padded, batch.sampling
-                )
+                batch = PrefillBatch.of(chunk, shape[0], bucket, self.config)
+                first = self.run_prefill(batch)
                 first.copy_to_host_async()
                 self._handoff.put(_Handoff(first, [(row, r) for row, (_, r) in enumerate(chunk)]))
                 for slot, request in chunk:

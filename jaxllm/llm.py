@@ -63,6 +63,7 @@ class LLM:
         rules: ShardingRules | str | None = None,
         quantize: str | None = None,
         warm_up: bool = True,
+        start: bool = True,
         **engine_options,
     ) -> LLM:
         """Loads a model sharded over ``mesh`` by ``rules`` and starts its engine.
@@ -72,7 +73,8 @@ class LLM:
         (``jaxllm.demo``: a small Python-code model trained by ``scripts/train_demo.py``).
         ``engine_options`` are ``EngineConfig`` fields (``max_slots``, ``max_seq_len``,
         ``max_prompt_len``, ``kv_cache_dtype``, ...); every shape is compiled before this
-        returns unless ``warm_up=False``.
+        returns unless ``warm_up=False``. With ``start=False`` the engine's threads do not
+        run: a multi-host follower (``jaxllm.lockstep``) replays the leader's device calls.
 
         ``quantize="int8"`` stores every weight in int8 with per-output-channel scales
         (``jaxllm.quantize``), quantizing a float checkpoint one weight at a time as it is
@@ -111,7 +113,11 @@ class LLM:
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
         engine = Engine(ModelRunner(spec, graphdef, state), tokenizer, engine_config)
-        return cls(engine.start(warm_up=warm_up), name)
+        if start:
+            engine.start(warm_up=warm_up)
+        elif warm_up:
+            engine.warm_up()
+        return cls(engine, name)
 
     def close(self) -> None:
         """Stops the engine's threads (also done at interpreter exit)."""

@@ -4,6 +4,8 @@
                  [--host 127.0.0.1] [--port 50051] [--metrics-port 9090]
                  [--tls-cert CERT --tls-key KEY] [--auth-token-file FILE]
     jaxllm generate --server HOST:PORT [sampling flags] PROMPT
+    jaxllm serve --coordinator HOST:PORT --num-processes N --process-id I ...   (multi-host)
+    jaxllm cluster-info [--distributed | --coordinator ...]
 
 It lives here because ``jaxllm`` never imports ``serve``; it extends jaxllm's parser.
 """
@@ -19,10 +21,43 @@ import time
 
 from jaxllm import cli as model_cli
 
+# Multi-host start-up flags and the variables they fall back to (launch scripts and the
+# Kubernetes manifests set these; TPU pods and SLURM need none: --distributed detects them).
+_PROCESS_FLAGS = {
+    "coordinator": "JAXLLM_COORDINATOR",
+    "num_processes": "JAXLLM_NUM_PROCESSES",
+    "process_id": "JAXLLM_PROCESS_ID",
+}
+
+
+def _process_flags(args) -> dict:
+    flags = {}
+    for name, variable in _PROCESS_FLAGS.items():
+        value = getattr(args, name)
+        if value is None and os.environ.get(variable):
+            value = os.environ[variable]
+            if name != "coordinator":
+                if not value.strip().isdigit():
+                    raise ValueError(f"${variable} must be a non-negative integer, got {value!r}")
+                value = int(value)
+        if value is not None:
+            flags[name] = value
+    if args.distributed:
+        flags["distributed"] = True
+    return flags
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("JAXLLM_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # jax and absl may have configured the root logger already
+    )
+
 
 def _serve(args) -> int:
+    from jaxllm import distributed
     from serve.config import ServeConfig
-    from serve.server import serve
 
     config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     flags = {
@@ -30,9 +65,10 @@ def _serve(args) -> int:
         for name in ("model", "mesh", "dtype", "rules", "quantize", "host", "port")
         + ("metrics_port",)
         + ("max_queue", "tls_cert", "tls_key", "auth_token_file", "drain_timeout_s")
-        + ("stream_interval", "sample_prompt")
+        + ("stream_interval", "sample_prompt", "peer_timeout_s", "lockstep_port")
         if getattr(args, name) is not None
     }
+    flags.update(_process_flags(args))
     if args.no_metrics:
         flags["metrics_port"] = None
     engine = {
@@ -42,12 +78,50 @@ def _serve(args) -> int:
         if getattr(args, name) is not None
     }
     config = config.replace(engine=engine, **flags)
-    logging.basicConfig(
-        level=os.environ.get("JAXLLM_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,  # jax and absl may have configured the root logger already
-    )
+    _setup_logging()
+    # Before anything touches a device: afterwards jax.devices() spans every process.
+    distributed.initialize(config.distributed_config)
+    import jax
+
+    if jax.process_index() > 0:
+        from serve.multihost import follow
+
+        return follow(config)
+    from serve.server import serve
+
     return asyncio.run(serve(config))
+
+
+def _cluster_info(args) -> int:
+    """Joins the other processes, checks that a collective spans them all, prints the set-up."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from jaxllm import distributed
+    from serve.config import ServeConfig
+
+    _setup_logging()
+    config = ServeConfig(**_process_flags(args)).distributed_config
+    distributed.initialize(config)
+    indices = multihost_utils.process_allgather(np.array([jax.process_index()], np.int32))
+    print(
+        f"jaxllm: {distributed.describe()}; all-gather saw processes "
+        f"{sorted(np.asarray(indices).ravel().tolist())}",
+        flush=True,
+    )
+    return 0
+
+
+def _add_process_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 ($JAXLLM_COORDINATOR)")
+    parser.add_argument("--num-processes", type=int, help="processes ($JAXLLM_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, help="this process ($JAXLLM_PROCESS_ID)")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="detect the processes as JAX does (TPU pod slice, SLURM, MPI, Kubernetes)",
+    )
 
 
 def _generate(args) -> int:
@@ -127,7 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROMPT",
         help="once serving, print the model's greedy completion of PROMPT",
     )
+    _add_process_args(srv)
+    srv.add_argument(
+        "--peer-timeout-s", type=float, help="multi-host: end the server if a process is silent"
+    )
+    srv.add_argument("--lockstep-port", type=int, help="multi-host: process 0's side channel")
     srv.set_defaults(run=_serve)
+
+    info = commands.add_parser(
+        "cluster-info", help="join the other processes and check a collective spans them"
+    )
+    _add_process_args(info)
+    info.set_defaults(run=_cluster_info)
     return parser
 
 

@@ -1,6 +1,8 @@
 """A small Python client for the jaxllm gRPC API, blocking (``Client``) and asyncio
 (``AsyncClient``). Both take one target or several (``"host:port"``, a comma-separated list
-or a sequence) and spread calls over them round-robin.
+or a sequence) and spread calls over them round-robin; a gRPC name that resolves to several
+servers (``"dns:///jaxllm.default.svc:50051"``, ``"ipv4:10.0.0.1:50051,10.0.0.2:50051"``) is
+spread round-robin by the channel itself.
 
     with Client("127.0.0.1:50051") as client:
         for piece in client.stream("Once upon a time", max_tokens=32, temperature=0):
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from serve.proto import jaxllm_pb2 as pb
 from serve.proto import jaxllm_pb2_grpc as pb_grpc
 
 SERVICE = "jaxllm.v1.LLM"
+_URI_SCHEME = re.compile(r"^(dns|ipv4|ipv6|unix|unix-abstract|xds):")
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 _SAMPLING_FIELDS = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
 
 
@@ -47,7 +53,12 @@ def generate_request(
 
 
 def _targets(target: str | Sequence[str]) -> list[str]:
-    targets = target.split(",") if isinstance(target, str) else list(target)
+    """One channel per target. A gRPC name URI (``dns:///svc:50051``, ``ipv4:a:1,b:2``) is one
+    target, whose addresses the channel itself spreads calls over."""
+    if isinstance(target, str):
+        targets = [target] if _URI_SCHEME.match(target) else target.split(",")
+    else:
+        targets = list(target)
     targets = [t.strip() for t in targets if t.strip()]
     if not targets:
         raise ValueError("no server target given")
@@ -62,6 +73,9 @@ def _options(server_name: str | None, max_message_bytes: int) -> list[tuple[str,
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        # A name that resolves to several servers (a Kubernetes headless service, several
+        # A records) gets calls spread over all of them, not pinned to the first.
+        ("grpc.service_config", _ROUND_ROBIN),
     ]
     if server_name:  # the name the certificate was issued for, when dialling an IP address
         options.append(("grpc.ssl_target_name_override", server_name))

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from jaxllm.distributed import DistributedConfig
 from jaxllm.engine import EngineConfig
 
 
@@ -48,6 +49,14 @@ class ServeConfig:
     # Once serving, print the greedy completion of this prompt: a check a person can read.
     sample_prompt: str | None = None
     sample_tokens: int = 48
+    # Multi-host serving (see jaxllm.distributed): process 0 serves, the others follow.
+    coordinator: str | None = None  # "host:port" of process 0's JAX coordination service
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: bool = False  # let JAX detect a TPU pod slice, SLURM, MPI or Kubernetes job
+    # A process that stops answering on the lockstep channel for this long ends the server.
+    peer_timeout_s: float = 30.0
+    lockstep_port: int = 0  # process 0's side channel to the others; 0 = any free port
 
     def __post_init__(self):
         object.__setattr__(self, "engine", dict(self.engine or {}))
@@ -60,6 +69,10 @@ class ServeConfig:
             raise ValueError("max_queue, default_max_tokens and drain_timeout_s must be >= 0/1/0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.peer_timeout_s <= 0 or not 0 <= self.lockstep_port < 65536:
+            raise ValueError("peer_timeout_s must be > 0 and lockstep_port in [0, 65536)")
+        # An incomplete or inconsistent process set-up fails here, before anything starts.
+        DistributedConfig(self.coordinator, self.num_processes, self.process_id, self.distributed)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ServeConfig:
@@ -80,6 +93,25 @@ class ServeConfig:
         """Copies with ``changes`` applied; ``engine`` changes merge into the engine section."""
         engine = {**self.engine, **changes.pop("engine", {})}
         return dataclasses.replace(self, engine=engine, **changes)
+
+    @property
+    def load_options(self) -> dict[str, Any]:
+        """``LLM.load`` keyword arguments besides the path. Every process of a multi-host
+        server loads with these: they decide which programs it compiles."""
+        options = dict(mesh=self.mesh, dtype=self.dtype, rules=self.rules, quantize=self.quantize)
+        return {**options, **self.engine}
+
+    @property
+    def distributed_config(self) -> DistributedConfig:
+        # Before the lockstep channel exists (loading, compiling), JAX's coordination service
+        # is what notices a dead process; give it the same patience.
+        return DistributedConfig(
+            self.coordinator,
+            self.num_processes,
+            self.process_id,
+            auto=self.distributed,
+            heartbeat_timeout_s=max(10, round(self.peer_timeout_s)),
+        )
 
     @property
     def engine_config(self) -> EngineConfig:

@@ -14,11 +14,13 @@ import signal
 import time
 
 import grpc
+import jax
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from jaxllm.llm import LLM
+from serve import multihost
 from serve.admission import Admission
 from serve.auth import BearerTokenInterceptor, load_token, server_credentials
 from serve.config import ServeConfig
@@ -75,6 +77,7 @@ class Server:
         self.admission: Admission | None = None
         self.port = self.metrics_port = None
         self._watcher: asyncio.Future | None = None
+        self.leader = None  # jaxllm.lockstep.Leader when this is process 0 of several
         limits = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -112,6 +115,8 @@ class Server:
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         self.llm = await loop.run_in_executor(None, _load, self.config, self.metrics)
+        if jax.process_count() > 1:
+            self.leader = await loop.run_in_executor(None, multihost.lead, self.llm, self.config)
         self.admission = Admission(self.llm.engine.config.max_slots, self.config.max_queue)
         self.metrics.watch(self.llm.engine, self.admission)
         self.switch.target = LLMServicer(self.llm, self.config, self.admission, self.metrics)
@@ -135,11 +140,15 @@ class Server:
         await self.grpc.stop(grace=1.0)
         if self.llm is not None:
             self.llm.close()
+        if self.leader is not None:
+            self.leader.close()  # the followers exit 0
         log.info("stopped")
 
 
 async def serve(config: ServeConfig) -> int:
-    """Runs a server until SIGTERM/SIGINT; returns the process exit code."""
+    """Runs a server until SIGTERM/SIGINT; returns the process exit code. Of several
+    processes (``jaxllm.distributed``) this runs on process 0; the others run
+    ``serve.multihost.follow``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,15 +178,7 @@ async def serve(config: ServeConfig) -> int:
 
 def _load(config: ServeConfig, metrics: Metrics) -> LLM:
     start = time.perf_counter()
-    llm = LLM.load(
-        config.model,
-        mesh=config.mesh,
-        dtype=config.dtype,
-        rules=config.rules,
-        quantize=config.quantize,
-        warm_up=False,
-        **config.engine,
-    )
+    llm = LLM.load(config.model, warm_up=False, **config.load_options)
     loaded = time.perf_counter()
     metrics.load_seconds.set(loaded - start)
     # Warm-up here rather than in LLM.load so the two times are reported apart. The engine is
