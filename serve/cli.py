@@ -53,6 +53,8 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,  # jax and absl may have configured the root logger already
     )
+    # Orbax logs every array it restores at INFO through absl (300+ lines for the demo model).
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _serve(args) -> int:
