@@ -382,11 +382,8 @@ def load_orbax_state(
             array = _restore(loader, path, name, reads[name])
             nbytes = array.nbytes  # as read
             if quantize_now and quant.input_dims(name) is not None:
-                scale = quant.scale_name(name)
-                q, s = quant.quantize(array, quant.input_dims(name))
+                restored |= quant.quantize_into(array, name, targets)
                 del array
-                restored[name] = jax.device_put(q, targets[name].sharding)
-                restored[scale] = jax.device_put(s, targets[scale].sharding)
             else:
                 restored[name] = array
             _release_freed_memory()

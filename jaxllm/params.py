@@ -95,11 +95,9 @@ class ModelSpec:
             weight = float_names.get(name, name)
             if quantize.input_dims(weight) is None:  # norms, biases
                 return read(name, target)
-            w_target, s_target = targets[weight], targets[quantize.scale_name(weight)]
-            as_float = jax.ShapeDtypeStruct(w_target.shape, self.dtype, sharding=w_target.sharding)
-            q, scale = quantize.quantize(read(weight, as_float), quantize.input_dims(weight))
-            done[weight] = jax.device_put(q, w_target.sharding)
-            done[quantize.scale_name(weight)] = jax.device_put(scale, s_target.sharding)
+            target = targets[weight]
+            as_float = jax.ShapeDtypeStruct(target.shape, self.dtype, sharding=target.sharding)
+            done.update(quantize.quantize_into(read(weight, as_float), weight, targets))
             return done.pop(name)
 
         return self.fill(make)

@@ -84,6 +84,17 @@ def quantize(w: Float[Array, "*dims"], in_dims: int = 1) -> tuple[Int8[Array, "*
     return q, scale
 
 
+def quantize_into(w: Array, name: str, targets: dict) -> dict[str, Array]:
+    """Parameter ``name``'s int8 weight and its scale from the float ``w``, each placed in
+    its sharding from ``targets`` (name -> ShapeDtypeStruct), keyed by parameter name."""
+    q, scale = quantize(w, input_dims(name))
+    scale_key = scale_name(name)
+    return {
+        name: jax.device_put(q, targets[name].sharding),
+        scale_key: jax.device_put(scale, targets[scale_key].sharding),
+    }
+
+
 def dequantize(q: Int8[Array, "*dims"], scale: Array, dtype=jnp.float32) -> Array:
     """The float weight ``q`` stands for (tests, and scoring the rounding error)."""
     in_dims = q.ndim - scale.ndim
