@@ -6,6 +6,7 @@ print(llm.generate("def fibonacci(n):", max_tokens=32, temperature=0).text)
 """
 
 from jaxllm.config import ConfigError, ModelConfig
+from jaxllm.engine_config import EngineConfig
 from jaxllm.hf_checkpoint import CheckpointError
 from jaxllm.llm import LLM, Completion
 from jaxllm.sampling import SamplingParams
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "Completion",
     "ConfigError",
+    "EngineConfig",
     "ModelConfig",
     "SamplingParams",
     "Tokenizer",

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jaxllm.head_layout import HeadLayout
+
 # Architectures whose math this runtime implements, by the class name Hugging Face writes
 # into config.json, with the model_type used when "architectures" is absent.
 SUPPORTED_ARCHITECTURES = {
@@ -59,6 +61,10 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Set on the config a model runs with when its heads are padded or copied so that a mesh
+    # axis splits them (jaxllm.head_layout): num_heads and num_kv_heads are then the runtime
+    # counts N' and K', and `stored` gives the checkpoint's config back.
+    head_layout: HeadLayout | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -70,6 +76,28 @@ class ModelConfig:
             raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
             raise ConfigError("sliding_windows needs one entry per layer")
+        layout = self.head_layout
+        if layout is not None and (self.num_heads, self.num_kv_heads) != (
+            layout.num_runtime_heads,
+            layout.num_runtime_kv_heads,
+        ):
+            raise ConfigError(
+                f"{self.num_heads} query / {self.num_kv_heads} KV heads do not match the head "
+                f"layout {layout}; change head counts on `config.stored`"
+            )
+
+    @property
+    def stored(self) -> ModelConfig:
+        """This config with the head counts a checkpoint stores (itself if not padded)."""
+        if self.head_layout is None:
+            return self
+        layout = self.head_layout
+        return dataclasses.replace(
+            self,
+            num_heads=layout.num_heads,
+            num_kv_heads=layout.num_kv_heads,
+            head_layout=None,
+        )
 
     @property
     def group_size(self) -> int:  # G
@@ -80,8 +108,9 @@ class ModelConfig:
 
     @property
     def num_params(self) -> int:
+        """Parameters of the model as stored (zero and copied heads are not counted)."""
         D, F, V, H = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        N, K = self.num_heads, self.num_kv_heads
+        N, K = self.stored.num_heads, self.stored.num_kv_heads
         attn = D * N * H * 2 + D * K * H * 2
         attn += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias
         layer = attn + 3 * D * F + 2 * D
@@ -106,7 +135,10 @@ class ModelConfig:
         return _from_hf(raw)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """config.json contents that Hugging Face transformers and from_hf_dict both read."""
+        """config.json contents that Hugging Face transformers and from_hf_dict both read
+        (the stored head counts, whatever the runtime layout)."""
+        if self.head_layout is not None:
+            return self.stored.to_hf_dict()
         model_type = SUPPORTED_ARCHITECTURES[self.architecture]
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:

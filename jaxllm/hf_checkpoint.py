@@ -2,8 +2,9 @@
 
 Reading never materialises the model on the host. Each tensor is memory-mapped on its own,
 each device's shard is sliced out of the mapping (so only the pages it covers are read),
-converted, reshaped into jaxllm's layout (the same [out, in] order, heads split out) and
-placed on its device; the mapping is closed before the next tensor. The safetensors format
+converted, reshaped into jaxllm's layout (the same [out, in] order, heads split out; heads
+copied or zero-padded where the mesh needs it, see ``jaxllm.head_layout``) and placed on its
+device; the mapping is closed before the next tensor. The safetensors format
 is simple enough (an 8-byte header length, a JSON header, raw little-endian data) that
 reading it directly keeps bfloat16 and slicing under our control.
 """
@@ -21,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxllm import head_layout
 from jaxllm.config import ModelConfig
 from jaxllm.params import ModelSpec, named_params
 
@@ -142,7 +144,9 @@ class Stored:
 
 
 def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
-    """jaxllm parameter name -> how Hugging Face stores it, for every parameter of ``cfg``."""
+    """jaxllm parameter name -> how Hugging Face stores it, for every parameter of ``cfg``
+    (in the stored head layout: ``cfg.stored``)."""
+    cfg = cfg.stored
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -208,16 +212,27 @@ def _check_names(ckpt: HFCheckpoint, layout: dict[str, Stored], cfg: ModelConfig
             )
 
 
-def read_into_shards(mapped: np.ndarray, stored: Stored, target: jax.ShapeDtypeStruct):
+def read_into_shards(
+    mapped: np.ndarray,
+    stored: Stored,
+    target: jax.ShapeDtypeStruct,
+    heads: head_layout.Maps | None = None,
+):
     """Builds one sharded array; each device's block is sliced from the mapped tensor, so
-    only the bytes that device needs are read and converted."""
+    only the bytes that device needs are read and converted. ``heads``: the runtime head
+    layout's maps of the target's dimensions (``ModelSpec.head_maps``), None if unchanged."""
     view = mapped.reshape(stored.view)
 
-    def block(index: tuple[slice, ...]) -> np.ndarray:
+    def stored_block(index: tuple[slice, ...]) -> np.ndarray:
         view_index = [slice(None)] * len(stored.view)
         for ours, theirs in enumerate(stored.perm):
             view_index[theirs] = index[ours]
-        return np.ascontiguousarray(view[tuple(view_index)].transpose(stored.perm), target.dtype)
+        return view[tuple(view_index)].transpose(stored.perm)
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        return np.ascontiguousarray(
+            head_layout.read_block(stored_block, index, heads), target.dtype
+        )
 
     return jax.make_array_from_callback(target.shape, target.sharding, block)
 
@@ -238,10 +253,11 @@ def load_hf_state(
         mapped = ckpt.location[stored.name].mmap(stored.name)
         # Wait for the transfers: device_put is asynchronous and would otherwise keep the
         # host blocks of several tensors alive when the device falls behind (seen under load).
-        array = read_into_shards(mapped, stored, target).block_until_ready()
+        array = read_into_shards(mapped, stored, target, spec.head_maps(name))
+        array.block_until_ready()
         del mapped  # unmap before the next tensor: only one is ever mapped
-        if on_tensor is not None:
-            on_tensor(name, array.size * array.dtype.itemsize)
+        if on_tensor is not None:  # bytes as stored, without copied or zero heads
+            on_tensor(name, int(np.prod(stored.shape)) * array.dtype.itemsize)
         return array
 
     return spec.fill_from_float(read)
@@ -251,6 +267,8 @@ def save_hf_checkpoint(state: nnx.State, cfg: ModelConfig, path: str | Path) -> 
     """Writes ``state`` as ``model.safetensors`` + ``config.json`` in Hugging Face layout.
 
     Gathers the whole model on the host: meant for small models (tests, the demo model).
+    A runtime state with copied or zero-padded heads (``cfg.head_layout``) is written in the
+    stored layout.
     """
     from safetensors.numpy import save_file
 
@@ -260,6 +278,9 @@ def save_hf_checkpoint(state: nnx.State, cfg: ModelConfig, path: str | Path) -> 
     tensors = {}
     for ours, stored in hf_layout(cfg).items():
         value = np.asarray(jax.device_get(params[ours].get_value()))
+        if cfg.head_layout is not None:
+            axes = params[ours].get_metadata()["logical_axes"]
+            value = head_layout.shrink_host(value, cfg.head_layout, axes)
         value = value.transpose(np.argsort(stored.perm)).reshape(stored.shape)
         tensors[stored.name] = np.ascontiguousarray(value)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from jaxllm import demo, orbax_checkpoint, padding
 from jaxllm.config import ModelConfig
-from jaxllm.engine import Engine, EngineConfig
+from jaxllm.engine import Engine
+from jaxllm.engine_config import EngineConfig
 from jaxllm.hf_checkpoint import load_hf_state
 from jaxllm.params import ModelSpec
 from jaxllm.runtime import ModelRunner
@@ -51,7 +52,6 @@ class LLM:
         self.runner = engine.runner
         self.tokenizer = engine.tokenizer
         self.name = name
-        self._scoring_caches: dict[int, object] = {}  # bucket -> reusable [1, bucket] cache
 
     @classmethod
     def load(
@@ -71,15 +71,19 @@ class LLM:
         ``path`` is a Hugging Face folder (config.json + *.safetensors + tokenizer), a jaxllm
         Orbax checkpoint (``jaxllm convert``), or ``None`` for the bundled demo model
         (``jaxllm.demo``: a small Python-code model trained by ``scripts/train_demo.py``).
-        ``engine_options`` are ``EngineConfig`` fields (``max_slots``, ``max_seq_len``,
-        ``max_prompt_len``, ``kv_cache_dtype``, ...); every shape is compiled before this
-        returns unless ``warm_up=False``. With ``start=False`` the engine's threads do not
+        ``mesh`` None means every local device on ``tensor``, except on CPU, where it means
+        one device (fake host devices share the same cores, so splitting only adds work).
+        ``engine_options`` are ``jaxllm.EngineConfig`` fields (``max_seq_len``,
+        ``max_num_seqs``, ``max_step_tokens``, ``kv_cache_bytes``, ``kv_cache_dtype``,
+        ...); every step shape is compiled before this returns unless ``warm_up=False``. With ``start=False`` the engine's threads do not
         run: a multi-host follower (``jaxllm.lockstep``) replays the leader's device calls.
 
         ``quantize="int8"`` stores every weight in int8 with per-output-channel scales
         (``jaxllm.quantize``), quantizing a float checkpoint one weight at a time as it is
         read; a checkpoint saved quantized (``jaxllm convert --quantize int8``) loads
         quantized whatever this says."""
+        if mesh is None and jax.default_backend() == "cpu":
+            mesh = make_mesh({"tensor": 1}, devices=jax.local_devices()[:1])
         mesh = make_mesh(mesh)
         dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
         if path is None:
@@ -106,6 +110,12 @@ class LLM:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar:
             graphdef, state = loader(path, spec, lambda _, n: bar.update(n))
         engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))
+        unknown = set(engine_options) - {f.name for f in dataclasses.fields(EngineConfig)}
+        if unknown:
+            raise ValueError(
+                f"unknown engine options {sorted(unknown)}; the options are "
+                f"{[f.name for f in dataclasses.fields(EngineConfig)]}"
+            )
         engine_config = EngineConfig(**engine_options)
         if engine_config.max_seq_len > config.max_position_embeddings:
             raise ValueError(
@@ -193,20 +203,17 @@ class LLM:
     # -- scoring ------------------------------------------------------------------------
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """float32 logits ``[T, V]`` of one sequence: row t predicts token t + 1. Attention
-        reads keys and values from a cache of the engine's ``kv_cache_dtype``, so an int8
-        cache's rounding shows in the scores as it does in generation."""
+        """float32 logits ``[T, V]`` of one sequence: row t predicts token t + 1. Keys and
+        values are rounded as the engine's ``kv_cache_dtype`` stores them, so an int8
+        pool's rounding shows in the scores as it does in generation."""
         ids = self._prompt_ids(list(token_ids))
         if len(ids) > self.max_seq_len:
             raise ValueError(f"{len(ids)} tokens exceed the context of {self.max_seq_len}")
-        bucket = padding.bucket_for(len(ids), padding.prefill_buckets(self.max_seq_len))
+        bucket = padding.bucket_for(len(ids), padding.powers_of_two(self.max_seq_len, 16))
         tokens = padding.pad_to(ids, bucket)[None]
         positions = np.arange(bucket, dtype=np.int32)[None]
-        cache = self._scoring_caches.pop(bucket, None) or self.runner.new_cache(
-            1, bucket, self.engine.config.kv_cache_dtype
-        )
-        logits, self._scoring_caches[bucket] = self.runner.forward(
-            self.runner.params, tokens, positions, cache
+        logits = self.runner.forward(
+            self.runner.params, tokens, positions, kv_dtype=self.engine.config.kv_cache_dtype
         )
         return np.asarray(logits[0, : len(ids)], np.float32)
 

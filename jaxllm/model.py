@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from jaxllm import kv_cache, quantize, rope
+from jaxllm import attention, kv_cache, quantize, rope
 from jaxllm.config import ModelConfig
 from sharding import ShardingRules, constrain
 
@@ -104,9 +104,11 @@ class Attention(nnx.Module):
         positions: Int[Array, "B T"],
         cos: Float[Array, "B T H"],
         sin: Float[Array, "B T H"],
-        cache: kv_cache.LayerCache,
-        attend_len: int | None = None,
-    ) -> tuple[Float[Array, "B T D"], kv_cache.LayerCache]:
+        pages: kv_cache.LayerPages | None,
+        step: attention.PagedBatch | None,
+        block_pages: int,
+        kv_dtype,
+    ) -> tuple[Float[Array, "B T D"], kv_cache.LayerPages | None]:
         # [B, T, N or K, H]: the weights are read in their stored [out, in] order.
         q = quantize.linear(x, self.wq[...], _scale(self.wq_scale))
         k = quantize.linear(x, self.wk[...], _scale(self.wk_scale))
@@ -116,38 +118,28 @@ class Attention(nnx.Module):
         q = rope.apply_rotary(q, cos, sin)
         k = rope.apply_rotary(k, cos, sin)
         q = self.layout(q, "act_batch", "act_length", "act_heads", None)
-
-        cache = kv_cache.write(cache, k, v, positions)
-        # Decode reads only the cache prefix that holds positions (the engine picks a length
-        # that covers every running request), not the whole max_seq_len row of every slot.
-        seen = kv_cache.prefix(cache, attend_len)
-        keys, values = seen.keys.astype(q.dtype), seen.values.astype(q.dtype)
-
         B, T, N, H = q.shape
-        K = self.num_kv_heads
-        # [B, T, K, G, H]: each key/value head serves a group of G query heads.
-        q = q.reshape(B, T, K, N // K, H)
-        scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys).astype(jnp.float32)
-        scores = scores * (H**-0.5)
-        if seen.key_scales is not None:  # int8 cache: scale each key's scores, not its bytes
-            scores = scores * seen.key_scales[:, :, None, None, :]
-        # Cache index s holds absolute position s; a query sees positions up to its own.
-        key_pos = jnp.arange(keys.shape[2])
-        visible = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        if self.window is not None:
-            visible &= key_pos[None, None, :] > positions[:, :, None] - self.window
-        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if seen.value_scales is not None:
-            probs = probs * seen.value_scales[:, :, None, None, :]
-        probs = probs.astype(values.dtype)
-        out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, values).reshape(B, T, N, H)
+
+        if step is None:  # no pool: the tokens attend to themselves
+            out = attention.causal(q, k, v, positions, self.window, kv_dtype)
+        else:  # one engine step: B == 1, the step's tokens flattened on T
+            pages = kv_cache.write(pages, k[0], v[0], step.slots)
+            Sd = step.decode.page_table.shape[0]
+            Sp, C = step.prefill.positions.shape
+            parts = []
+            if Sd:
+                rows = q[0, :Sd].reshape(Sd, 1, N, H)
+                parts.append(attention.paged(rows, step.decode, pages, self.window, block_pages))
+            if Sp:
+                rows = q[0, Sd:].reshape(Sp, C, N, H)
+                parts.append(attention.paged(rows, step.prefill, pages, self.window, block_pages))
+            out = jnp.concatenate([p.reshape(-1, N, H) for p in parts])[None]
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
         out = quantize.linear(out.reshape(B, T, N * H), self.wo[...], _scale(self.wo_scale), 2)
         if self.o_bias:
             out = out + self.bo[None, None]
-        return out, cache
+        return out, pages
 
 
 class MLP(nnx.Module):
@@ -175,11 +167,13 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, layout, dtype, quantized, rngs)
         self.layout = layout
 
-    def __call__(self, x, positions, cos, sin, cache: kv_cache.LayerCache, attend_len=None):
-        attn_out, cache = self.attn(self.attn_norm(x), positions, cos, sin, cache, attend_len)
+    def __call__(self, x, positions, cos, sin, pages, step, block_pages, kv_dtype):
+        attn_out, pages = self.attn(
+            self.attn_norm(x), positions, cos, sin, pages, step, block_pages, kv_dtype
+        )
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
-        return self.layout(x, "act_batch", "act_length", "act_embed"), cache
+        return self.layout(x, "act_batch", "act_length", "act_embed"), pages
 
 
 class Transformer(nnx.Module):
@@ -216,11 +210,17 @@ class Transformer(nnx.Module):
         self,
         tokens: Int[Array, "B T"],
         positions: Int[Array, "B T"],
-        cache: kv_cache.KVCache,
-        attend_len: int | None = None,
-    ) -> tuple[Float[Array, "B T D"], kv_cache.KVCache]:
-        """``attend_len`` (static): attention reads only cache positions below it; every
-        position a query may see must lie there. None reads the whole cache."""
+        pool: kv_cache.KVPool | None = None,
+        step: attention.PagedBatch | None = None,
+        *,
+        block_pages: int = 8,
+        kv_dtype=None,
+    ) -> tuple[Float[Array, "B T D"], kv_cache.KVPool | None]:
+        """Hidden states of ``tokens``. Without a pool, plain causal attention over the
+        tokens themselves (``kv_dtype="int8"`` rounds keys/values as an int8 pool would).
+        With a pool and an engine ``step`` (``B == 1``: the step's tokens flattened), each
+        token's key/value is written to its page and attention reads each sequence's pages
+        (``jaxllm.attention.paged``, ``block_pages`` pages per loop iteration, static)."""
         x = quantize.embed(self.embed[...], _scale(self.embed_scale), tokens, self.dtype)
         x = self.layout(x, "act_batch", "act_length", "act_embed")
         cfg = self.config
@@ -228,10 +228,12 @@ class Transformer(nnx.Module):
         cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
         layers = []
         for i, block in enumerate(self.layers):
+            pages = None if pool is None else pool.layer(i)
             with jax.named_scope(f"layer_{i}"):
-                x, layer = block(x, positions, cos, sin, cache.layer(i), attend_len)
-            layers.append(layer)
-        return self.final_norm(x), kv_cache.KVCache.of_layers(layers)
+                x, pages = block(x, positions, cos, sin, pages, step, block_pages, kv_dtype)
+            layers.append(pages)
+        pool = None if pool is None else kv_cache.KVPool.of_layers(layers)
+        return self.final_norm(x), pool
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         with jax.named_scope("lm_head"):

@@ -8,7 +8,9 @@ A checkpoint is a folder::
     tokenizer/               tokenizer files, with a copy of config.json (its token ids)
     arrays/<name>/           one Orbax PyTree checkpoint per parameter, e.g. arrays/layers.0.attn.wq
 
-Arrays are stored under jaxllm's parameter names and layout, so a restore is a plain read.
+Arrays are stored under jaxllm's parameter names and layout, so a restore is a plain read
+(plus, on a mesh whose head axis does not divide the heads, the copies and zero heads of
+``jaxllm.head_layout``; a checkpoint always holds the stored heads, whatever mesh saved it).
 One Orbax checkpoint per parameter, because Orbax writes a tree in one call from arrays that
 all exist at once (a conversion would hold the whole model) and its whole-tree restore in one
 CPU process held 48-75% of a 512 MiB model beyond its arrays; one parameter at a time, host
@@ -36,6 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from jaxllm import head_layout
 from jaxllm import quantize as quant
 from jaxllm.config import ModelConfig
 from jaxllm.hf_checkpoint import (
@@ -182,18 +185,34 @@ def save_state(
 ) -> Path:
     """Saves a live model state (e.g. after quantization or fine-tuning), sharded however it
     is, as a checkpoint at ``out_dir``; every process calls this, and each writes its own
-    shards. ``tokenizer_dir`` is a folder to copy the tokenizer files from."""
+    shards. ``config`` is the config the state runs with (``llm.config``): a state with
+    copied or zero-padded heads (``config.head_layout``) is saved in the stored layout, so the
+    checkpoint loads on any mesh. ``tokenizer_dir`` is a folder to copy the tokenizer files
+    from."""
     params = named_params(state)
+    layout = config.head_layout
     for name, stored in sorted(hf_layout(config).items()):
         shape = tuple(stored.view[p] for p in stored.perm)
         found = params[name].get_value().shape if name in params else "missing"
+        if layout is not None and name in params:
+            found = layout.source_shape(found, params[name].get_metadata()["logical_axes"])
         if found != shape:
-            raise ValueError(f"the state's {name!r} has shape {found}, the config gives {shape}")
+            raise ValueError(
+                f"the state's {name!r} has shape {found}, the config gives {shape} (for a "
+                "state whose heads were padded for its mesh, pass the config it runs with)"
+            )
     # A quantized state (jaxllm.quantize) carries a scale beside every int8 weight.
     scales = [n for n in params if n.endswith(quant.SCALE_SUFFIX)]
     quantization = quant.INT8 if scales else None
+
+    def stored_layout(var: nnx.Variable) -> jax.Array:
+        axes = var.get_metadata().get("logical_axes")
+        if layout is None or layout.maps(axes or ()) is None:
+            return var.get_value()
+        return head_layout.shrink(var.get_value(), layout, axes)
+
     arrays = (
-        (name, var.get_value(), var.get_metadata().get("logical_axes"))
+        (name, stored_layout(var), var.get_metadata().get("logical_axes"))
         for name, var in sorted(params.items())
     )
     config_text = json.dumps(config.to_hf_dict(), indent=2)
@@ -360,6 +379,8 @@ def load_orbax_state(
             del reads[quant.scale_name(name)]
             t = reads[name]
             reads[name] = jax.ShapeDtypeStruct(t.shape, spec.dtype, sharding=t.sharding)
+    # What the checkpoint holds: the stored head layout, expanded after reading.
+    reads = {name: spec.stored_target(name, target) for name, target in reads.items()}
     missing, extra = sorted(reads.keys() - stored.keys()), sorted(stored.keys() - reads.keys())
     if missing or extra:
         raise CheckpointError(
@@ -381,6 +402,9 @@ def load_orbax_state(
         for name in sorted(reads, key=lambda n: -np.prod(reads[n].shape)):
             array = _restore(loader, path, name, reads[name])
             nbytes = array.nbytes  # as read
+            maps = spec.head_maps(name)
+            if maps is not None:
+                array = head_layout.expand(array, maps, targets[name].sharding)
             if quantize_now and quant.input_dims(name) is not None:
                 restored |= quant.quantize_into(array, name, targets)
                 del array

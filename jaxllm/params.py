@@ -7,6 +7,8 @@ pytree apart (``nnx.split``) and hands the state to pure jitted functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,15 +17,25 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxllm import quantize
+from jaxllm import head_layout, quantize
 from jaxllm.config import ModelConfig
 from jaxllm.model import Transformer
 from sharding import ShardingRules
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to build, shard and trace a model, without any weights."""
+    """Everything needed to build, shard and trace a model, without any weights.
+
+    ``config`` may be given as stored (a checkpoint's) or as another spec's runtime config;
+    it becomes the runtime config for this mesh and rules: attention heads padded or copied
+    (``jaxllm.head_layout``) where the axis that splits heads does not divide them, so that
+    attention is split rather than replicated. Everything built from the spec (parameters,
+    KV cache sized by ``config.num_kv_heads``) sees the runtime counts; checkpoint readers
+    turn stored arrays into runtime ones (``head_maps``), and ``config.stored`` is the
+    checkpoint's config."""
 
     config: ModelConfig
     dtype: Any
@@ -33,6 +45,55 @@ class ModelSpec:
 
     def __post_init__(self):
         quantize.check_method(self.quantized)
+        stored = self.config.stored
+        layout = head_layout.plan(stored.num_heads, stored.num_kv_heads, self.head_split)
+        if not layout.is_identity:
+            stored = dataclasses.replace(
+                stored,
+                num_heads=layout.num_runtime_heads,
+                num_kv_heads=layout.num_runtime_kv_heads,
+                head_layout=layout,
+            )
+        object.__setattr__(self, "config", stored)  # normalised once, at construction
+
+    @property
+    def head_split(self) -> int:
+        """How many ways the rules split attention heads on this mesh."""
+        return head_layout.tensor_size(lambda axis: self.rules.split_size(axis, self.mesh))
+
+    def describe_heads(self) -> str:
+        """One line saying how attention heads are laid out over the mesh."""
+        stored = self.config.stored
+        layout = self.config.head_layout or head_layout.plan(
+            stored.num_heads, stored.num_kv_heads, 1
+        )
+        axes = sorted(
+            {a for x in head_layout.HEAD_AXES for a in self.rules.mesh_axes(x)}
+            & {a for a, n in self.mesh.shape.items() if n > 1}
+        )
+        where = ", ".join(f"{a}={self.mesh.shape[a]}" for a in axes)
+        return layout.describe(where, self.head_split)
+
+    @functools.cached_property
+    def logical_axes(self) -> dict[str, tuple]:
+        """Every parameter's logical axes, by name."""
+        return param_axes(self.config, self.quantized)
+
+    def head_maps(self, name: str) -> head_layout.Maps | None:
+        """For parameter ``name``, per dimension, the stored head each runtime head comes from
+        (-1: a zero head); None when its stored and runtime layouts are the same."""
+        layout = self.config.head_layout
+        return None if layout is None else layout.maps(self.logical_axes[name])
+
+    def stored_target(self, name: str, target: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        """Parameter ``name``'s shape as a checkpoint stores it (``target``: the runtime one),
+        sharded by the rules where the stored head count allows."""
+        if self.head_maps(name) is None:
+            return target
+        axes = self.logical_axes[name]
+        shape = self.config.head_layout.source_shape(target.shape, axes)
+        sharding = self.rules.sharding(axes, shape, self.mesh)
+        return jax.ShapeDtypeStruct(shape, target.dtype, sharding=sharding)
 
     def build(self, seed: int = 0) -> Transformer:
         return Transformer(
@@ -64,6 +125,7 @@ class ModelSpec:
         """Builds the state one parameter at a time: ``make_array(name, target)`` returns
         the array for parameter ``name`` (e.g. ``"layers.0.attn.wq"``) with the target's
         shape, dtype and sharding. Parameters are made in name order."""
+        log.info(self.describe_heads())
         graphdef, abstract_state = self.abstract()
         shardings = nnx.to_flat_state(self.shardings(abstract_state))
         flat = []
@@ -114,18 +176,34 @@ class ModelSpec:
     def random_state(self, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
         """Random parameters (normal with std 0.02; norm scales 1), each drawn on the host
         and placed into its shards. Host drawing avoids compiling JAX's RNG for every
-        parameter shape, which took over 10 s for a 4-layer model on a 2-core CPU."""
+        parameter shape, which took over 10 s for a 4-layer model on a 2-core CPU. Drawn in
+        the stored head layout, so a seed gives the same model on every mesh."""
         rng = np.random.default_rng(seed)
 
         def draw(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+            shape = self.stored_target(name, target).shape
             if name.endswith("norm.scale"):
-                value = np.ones(target.shape, np.float32)
+                value = np.ones(shape, np.float32)
             else:
-                value = rng.standard_normal(target.shape, np.float32) * np.float32(0.02)
+                value = rng.standard_normal(shape, np.float32) * np.float32(0.02)
             value = value.astype(target.dtype)
-            return jax.make_array_from_callback(target.shape, target.sharding, value.__getitem__)
+            maps = self.head_maps(name)
+            return jax.make_array_from_callback(
+                target.shape,
+                target.sharding,
+                lambda index: head_layout.read_block(value.__getitem__, index, maps),
+            )
 
         return self.fill_from_float(draw)
+
+
+def param_axes(config: ModelConfig, quantized: str | None = None) -> dict[str, tuple]:
+    """Every parameter's logical axes, by name, for a model of ``config`` (no mesh needed)."""
+    model = nnx.eval_shape(lambda: Transformer(config, quantized=quantized, rngs=nnx.Rngs(0)))
+    return {
+        name: tuple(var.get_metadata()["logical_axes"])
+        for name, var in named_params(nnx.state(model)).items()
+    }
 
 
 def named_params(state: nnx.State) -> dict[str, nnx.Variable]:

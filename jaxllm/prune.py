@@ -20,7 +20,9 @@ number of its highest-scored query heads, so N stays a multiple of K and the KV 
 unchanged; with one query head per KV head, whole heads go with their key/value heads.
 
 Pruning runs on float weights (prune first, then quantize) in one process: the parameters
-are gathered to the host, cut, and placed again into the shards of the model's mesh.
+are gathered to the host, cut, and placed again into the shards of the model's mesh. Heads
+are scored and cut in the stored layout (``config.stored``), whatever copies and zero heads
+the mesh added (``jaxllm.head_layout``); ``place`` adds them again for its mesh.
 
 Shapes use the glossary in ``jaxllm.config``; ``n`` is a number of token windows.
 """
@@ -41,11 +43,11 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxllm import demo, kv_cache, orbax_checkpoint, rope
+from jaxllm import demo, head_layout, kv_cache, orbax_checkpoint, rope
 from jaxllm.config import ModelConfig
 from jaxllm.engine import Engine, EngineConfig
 from jaxllm.llm import LLM
-from jaxllm.params import ModelSpec, named_params
+from jaxllm.params import ModelSpec, named_params, param_axes
 from jaxllm.runtime import ModelRunner
 from jaxllm.tokenizer import Tokenizer
 
@@ -172,7 +174,7 @@ def _calibration_sums(
 @dataclasses.dataclass(frozen=True)
 class Importance:
     """Pruning scores from one calibration run: ``mlp`` [L, F] (``MEASURE``) and ``heads``
-    [L, N] (``HEAD_MEASURE``). Higher means more important."""
+    [L, N] (``HEAD_MEASURE``, stored query heads). Higher means more important."""
 
     mlp: Float[np.ndarray, "L F"]
     heads: Float[np.ndarray, "L N"]
@@ -211,6 +213,9 @@ def importance(
         mlp = mlp + np.asarray(mlp_part, np.float64)
         heads = heads + np.asarray(heads_part, np.float64)
     count = windows.size
+    layout = runner.config.head_layout
+    if layout is not None:  # score the stored query heads, not their runtime positions
+        heads = heads[:, layout.kept_index(head_layout.Q_AXIS)]
     params = named_params(state)
     down_norms = np.stack(
         [
@@ -245,7 +250,7 @@ def random_importance(config: ModelConfig, seed: int = 0) -> Importance:
     """Scores that pick channels and heads uniformly at random: the baseline a measure
     must beat."""
     rng = np.random.default_rng(seed)
-    L, F, N = config.num_layers, config.intermediate_size, config.num_heads
+    L, F, N = config.num_layers, config.intermediate_size, config.stored.num_heads
     return Importance(
         mlp=rng.random((L, F)).astype(np.float32), heads=rng.random((L, N)).astype(np.float32)
     )
@@ -363,7 +368,8 @@ def kept_heads(
     With grouped-query attention (G > 1) every KV group keeps its ``kept_width(G, fraction,
     1)`` highest-scored query heads, the same number in each group and layer, so N stays a
     multiple of K and the KV heads (and cache) stay. With one query head per KV head (G = 1)
-    whole heads go, each with its key/value head."""
+    whole heads go, each with its key/value head. Indices are stored heads (``config.stored``)."""
+    config = config.stored
     L, N, K, G = config.num_layers, config.num_heads, config.num_kv_heads, config.group_size
     head_importance = np.asarray(head_importance)
     if head_importance.shape != (L, N):
@@ -386,9 +392,10 @@ def prune_heads(
     remove_fraction: float,
 ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(smaller config, host parameters) without the lowest-scored query heads of every
-    layer (see ``kept_heads`` for what is removed together); ``head_dim`` is unchanged."""
+    layer (see ``kept_heads`` for what is removed together); ``head_dim`` is unchanged.
+    Both come back in the stored head layout (``place`` lays them out for a mesh)."""
     kept, with_kv = kept_heads(head_importance, config, remove_fraction)
-    params = host_params(params)
+    params, config = _stored_heads(host_params(params), config)
     out = dict(params)
     # Which axis of each attention parameter is the query (or key/value) head axis.
     axes = {"wq": 0, "bq": 0, "wo": 1}
@@ -403,6 +410,21 @@ def prune_heads(
     return dataclasses.replace(
         config, num_heads=n, num_kv_heads=n if with_kv else config.num_kv_heads
     ), out
+
+
+def _stored_heads(
+    params: dict[str, np.ndarray], config: ModelConfig
+) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """Host parameters and config in the stored head layout, from either layout."""
+    layout = config.head_layout
+    if layout is None:
+        return params, config
+    axes = param_axes(config)
+    out = dict(params)
+    for name, value in params.items():
+        if name in axes and value.shape != layout.source_shape(value.shape, axes[name]):
+            out[name] = head_layout.shrink_host(value, layout, axes[name])
+    return out, config.stored
 
 
 def prune(
@@ -429,10 +451,15 @@ def prune(
 
 def place(params: Mapping[str, np.ndarray], spec: ModelSpec) -> ModelRunner:
     """A runner for host ``params`` put into the shards ``spec`` (config, dtype, mesh,
-    rules) gives them; shapes must match the config."""
+    rules) gives them; shapes must match the config, in the stored or the runtime head
+    layout (``spec.config.head_layout``)."""
 
     def make(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
         value = params[name]
+        maps = spec.head_maps(name)
+        stored_shape = spec.stored_target(name, target).shape
+        if maps is not None and tuple(value.shape) == stored_shape != tuple(target.shape):
+            value = head_layout.expand_host(np.asarray(value), maps)
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{name!r} has shape {value.shape}; the config needs {target.shape}")
         value = np.asarray(value).astype(target.dtype)
@@ -554,7 +581,8 @@ def prune_checkpoint(
         if random_seed is None:
             log(
                 f"scoring {config.num_layers} x {config.intermediate_size} MLP channels and "
-                f"{config.num_layers} x {config.num_heads} heads on {calib.size} calibration tokens"
+                f"{config.num_layers} x {config.stored.num_heads} heads on {calib.size} "
+                "calibration tokens"
             )
             scores, measure = importance(llm, calib), {"mlp": MEASURE, "heads": HEAD_MEASURE}
         else:
@@ -593,8 +621,11 @@ def prune_checkpoint(
             "before": config.intermediate_size,
             "after": new_config.intermediate_size,
         },
-        "num_heads": {"before": config.num_heads, "after": new_config.num_heads},
-        "num_kv_heads": {"before": config.num_kv_heads, "after": new_config.num_kv_heads},
+        "num_heads": {"before": config.stored.num_heads, "after": new_config.stored.num_heads},
+        "num_kv_heads": {
+            "before": config.stored.num_kv_heads,
+            "after": new_config.stored.num_kv_heads,
+        },
         "params": {"before": config.num_params, "after": new_config.num_params},
         "calibration": {"source": calibration_source, "tokens": int(calib.size)},
         "perplexity": {
@@ -607,7 +638,7 @@ def prune_checkpoint(
         "seconds": round(time.perf_counter() - start, 1),
     }
     orbax_checkpoint.save_state(
-        runner.state, new_config, dst, tokenizer_dir=orbax_checkpoint.tokenizer_dir(source)
+        runner.state, runner.config, dst, tokenizer_dir=orbax_checkpoint.tokenizer_dir(source)
     )
     # Written after the checkpoint is complete: the loader ignores it, it only informs.
     (dst / PRUNING_FILE).write_text(_record_json(record))

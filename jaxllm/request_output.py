@@ -18,9 +18,9 @@ class RequestOutput:
         self.finish_reason: str | None = None  # "stop" or "length" once finished
         self._held = ""  # decoded but not yet emitted: might be the start of a stop string
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self._stop_ids = set(params.stop_token_ids)
+        self.stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
-            self._stop_ids |= set(tokenizer.eos_ids)
+            self.stop_ids |= set(tokenizer.eos_ids)
 
     @property
     def finished(self) -> bool:
@@ -31,7 +31,7 @@ class RequestOutput:
         if self.finished:
             raise RuntimeError("request already finished")
         self.token_ids.append(token_id)
-        if token_id in self._stop_ids:
+        if token_id in self.stop_ids:
             return self._finish("stop", self._detok.flush())
         piece = self._emit(self._detok.add(token_id))
         if self.finished:

@@ -10,11 +10,15 @@ Weight names and activation names are kept apart, so that e.g. the model width o
 
 Weights:      vocab, embed, q_heads, kv_heads, head_dim, mlp, norm
 Activations:  act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
-KV cache:     cache_batch, cache_kv_heads, cache_sequence, cache_head_dim
+KV cache:     cache_batch, cache_pages (the paged pool's pages: replicated by every preset,
+              a gather of a sequence's pages never crosses devices), cache_kv_heads,
+              cache_sequence, cache_head_dim
 
 Two rules decide what happens where a layout cannot be honoured exactly:
-- a dimension that the mesh axes' total size does not divide (2 KV heads over tensor=4) is
-  replicated along those axes, on purpose, instead of failing deep inside XLA;
+- a dimension that the mesh axes' total size does not divide (a vocabulary of 50257 over
+  tensor=4) is replicated along those axes, on purpose, instead of failing deep inside XLA.
+  Attention heads never get here: a model pads or copies its heads until ``split_size`` of
+  every head axis divides them (``jaxllm.head_layout``);
 - two dimensions of one array mapped to the same mesh axis is an error naming both.
 """
 
@@ -30,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LOGICAL_AXES: frozenset[str] = frozenset(
     "vocab embed q_heads kv_heads head_dim mlp norm "
     "act_batch act_length act_embed act_heads act_kv_heads act_mlp act_vocab "
-    "cache_batch cache_kv_heads cache_sequence cache_head_dim".split()
+    "cache_batch cache_pages cache_kv_heads cache_sequence cache_head_dim".split()
 )
 
 AxisNames = tuple[str | None, ...]
@@ -66,6 +70,10 @@ class ShardingRules:
         if logical not in LOGICAL_AXES:
             raise ValueError(f"unknown logical axis {logical!r}")
         return dict(self.table).get(logical, ())
+
+    def split_size(self, logical: str | None, mesh: Mesh) -> int:
+        """How many ways ``logical`` is split on ``mesh`` (1: replicated), when divisible."""
+        return int(np.prod([mesh.shape.get(a, 1) for a in self.mesh_axes(logical)]))
 
     def spec(self, names: AxisNames, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
         """PartitionSpec for an array of ``shape`` whose dimensions are called ``names``."""

@@ -1,0 +1,137 @@
+"""Attention: the one place that decides how queries read keys and values.
+
+Two functions, both pure JAX (a TPU/GPU kernel, e.g. Pallas ragged paged attention, can take
+``paged``'s place behind the same signature):
+
+- ``paged``: rows of queries (a decoding sequence's one token, or a chunk of a prompt) read
+  their own sequence's pages of the pool, and only those. The row's pages are visited in
+  blocks of ``block_pages`` pages by a loop whose trip count is a traced value (the longest
+  row's blocks), so the compiled program does not depend on sequence lengths, and softmax is
+  computed online (running max and sum). A block a row does not need is fully masked and
+  leaves its running values bit-for-bit unchanged, so a row's result does not depend on
+  what else is in the step.
+- ``causal``: plain causal attention over the tokens given (scoring, training, pruning).
+
+Queries use grouped-query attention as a reshape ``[K, G]`` of the query heads, never a
+repeat of keys and values. Scores and softmax are float32. Shapes use ``jaxllm.config``'s
+glossary; ``R`` is rows, ``C`` queries per row, ``S`` keys in a block.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxllm import kv_cache
+from jaxllm.kv_cache import LayerPages
+
+# Masked scores are -inf; the running max starts at the most negative finite float, so a
+# row whose first blocks are all masked (sliding windows) keeps exp(m - m) = 1, never NaN.
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+class RowGroup(NamedTuple):
+    """Rows of ``C`` queries each, every row reading its own sequence's pages."""
+
+    page_table: Int[Array, "R Pmax"]  # the row's pages, in position order (padding: 0)
+    kv_len: Int[Array, " R"]  # keys at positions below this are the sequence's
+    positions: Int[Array, "R C"]  # each query's position (causal mask)
+    num_blocks: Int[Array, ""]  # blocks of pages the longest row needs (loop trip count)
+
+
+class PagedBatch(NamedTuple):
+    """Per-step metadata every layer shares: where each token's key/value is written, and
+    the two row groups that read: decode rows (one query) and prefill rows (a chunk)."""
+
+    slots: Int[Array, " T"]  # flat pool slot of each token (past the end: padding, dropped)
+    decode: RowGroup  # the step's first Sd tokens, one row each
+    prefill: RowGroup  # the next Sp * C tokens, C per row
+
+
+def paged(
+    q: Float[Array, "R C N H"],
+    rows: RowGroup,
+    pages: LayerPages,
+    window: int | None,
+    block_pages: int,
+) -> Float[Array, "R C N H"]:
+    """Each row's queries attend to its sequence's keys at positions ``<=`` their own (and
+    ``< kv_len``), within ``window`` positions when given."""
+    R, C, N, H = q.shape
+    page_size, K = pages.keys.shape[1], pages.keys.shape[2]
+    G = N // K
+    S = block_pages * page_size
+    # [R, C, K, G, H]: each key/value head serves a group of G query heads.
+    q = q.reshape(R, C, K, G, H)
+    positions = rows.positions[:, :, None]  # [R, C, 1]
+
+    def gather(buffer, ids):  # [R, block_pages] page ids -> [R, S, ...]
+        return buffer[ids].reshape(R, S, *buffer.shape[2:])
+
+    def block(i, carry):
+        m, total, acc = carry  # [R, K, G, C], same, [R, K, G, C, H]
+        ids = jax.lax.dynamic_slice_in_dim(rows.page_table, i * block_pages, block_pages, 1)
+        keys = gather(pages.keys, ids).astype(q.dtype)  # [R, S, K, H]
+        scores = jnp.einsum("RCKGH,RSKH->RKGCS", q, keys).astype(jnp.float32) * H**-0.5
+        if pages.key_scales is not None:  # int8: scale each key's scores, not its bytes
+            key_scales = gather(pages.key_scales, ids)  # [R, S, K]
+            scores = scores * jnp.swapaxes(key_scales, 1, 2)[:, :, None, None, :]
+        key_pos = i * S + jnp.arange(S)
+        visible = (key_pos <= positions) & (key_pos < rows.kv_len[:, None, None])  # [R, C, S]
+        if window is not None:
+            visible &= key_pos > positions - window
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        probs = jnp.exp(scores - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        total = total * alpha + jnp.sum(probs, axis=-1)
+        if pages.value_scales is not None:
+            value_scales = gather(pages.value_scales, ids)
+            probs = probs * jnp.swapaxes(value_scales, 1, 2)[:, :, None, None, :]
+        values = gather(pages.values, ids).astype(q.dtype)
+        update = jnp.einsum("RKGCS,RSKH->RKGCH", probs.astype(q.dtype), values)
+        return m_new, total, acc * alpha[..., None] + update.astype(jnp.float32)
+
+    init = (
+        jnp.full((R, K, G, C), _NEG, jnp.float32),
+        jnp.zeros((R, K, G, C), jnp.float32),
+        jnp.zeros((R, K, G, C, H), jnp.float32),
+    )
+    _, total, acc = jax.lax.fori_loop(0, rows.num_blocks, block, init)
+    out = acc / total[..., None]  # [R, K, G, C, H]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(R, C, N, H).astype(q.dtype)
+
+
+def causal(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B T K H"],
+    v: Float[Array, "B T K H"],
+    positions: Int[Array, "B T"],
+    window: int | None,
+    kv_dtype=None,
+) -> Float[Array, "B T N H"]:
+    """Causal attention of the tokens over themselves. ``kv_dtype="int8"`` rounds keys and
+    values as an int8 pool stores them, so scores show the pool's rounding."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    scale_k = scale_v = None
+    if kv_cache.is_int8(kv_dtype):
+        k, scale_k = kv_cache.quantize_heads(k)  # [B, T, K, H] int8, [B, T, K]
+        v, scale_v = kv_cache.quantize_heads(v)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = scores * H**-0.5
+    if scale_k is not None:
+        scores = scores * jnp.swapaxes(scale_k, 1, 2)[:, :, None, None, :]
+    visible = positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+    if window is not None:
+        visible &= positions[:, None, :] > positions[:, :, None] - window
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if scale_v is not None:
+        probs = probs * jnp.swapaxes(scale_v, 1, 2)[:, :, None, None, :]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(q.dtype), v.astype(q.dtype))
+    return out.reshape(B, T, N, H)

@@ -1,0 +1,84 @@
+"""Engine options, checked when the engine is built, and the shapes they imply."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxllm import kv_cache, padding
+
+# Default KV pool where the backend reports no memory figure (CPU): enough for every
+# sequence at full length, at most this many bytes.
+CPU_DEFAULT_KV_BYTES = 1 << 30
+# Where it does (TPU, GPU): this fraction of the memory free after the weights are placed.
+ACCELERATOR_KV_FRACTION = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_seq_len: int = 1024  # prompt + output tokens of one request
+    max_num_seqs: int = 64  # sequences running at once (decode rows of a step, at most)
+    max_step_tokens: int = 256  # tokens one step computes: decodes + prefill chunks
+    chunk: int = 64  # prompt tokens one prefill row computes (chunked prefill)
+    page_size: int = 16  # tokens per KV page
+    attention_block: int = 128  # key positions attention reads per loop iteration
+    kv_cache_bytes: int | None = None  # KV pool size; None: see CPU_DEFAULT_KV_BYTES
+    kv_cache_dtype: str | None = None  # None: the model's dtype; "int8": quantized pool
+    prefix_caching: bool = True
+
+    def __post_init__(self):
+        kv_cache.check_dtype(self.kv_cache_dtype)
+        limits = {
+            "max_seq_len": (2, 1 << 20),
+            "max_num_seqs": (1, 4096),
+            "max_step_tokens": (1, 1 << 16),
+            "chunk": (1, 1 << 14),
+            "page_size": (1, 1024),
+            "attention_block": (1, 1 << 16),
+        }
+        for name, (low, high) in limits.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"engine option {name} must be an integer in [{low}, {high}]")
+        if self.attention_block % self.page_size:
+            raise ValueError(
+                f"attention_block ({self.attention_block}) must be a multiple of page_size "
+                f"({self.page_size})"
+            )
+        if self.kv_cache_bytes is not None and not (
+            isinstance(self.kv_cache_bytes, int) and self.kv_cache_bytes > 0
+        ):
+            raise ValueError("kv_cache_bytes must be a positive integer (or None)")
+
+    @property
+    def block_pages(self) -> int:
+        return self.attention_block // self.page_size
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        """Width of a page table: a full-length sequence's pages, in whole attention blocks."""
+        pages = -(-self.max_seq_len // self.page_size)
+        return -(-pages // self.block_pages) * self.block_pages
+
+    @property
+    def max_prefill_rows(self) -> int:
+        return max(1, self.max_step_tokens // self.chunk)
+
+    @property
+    def decode_buckets(self) -> tuple[int, ...]:
+        return (0, *padding.powers_of_two(self.max_num_seqs))
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        return (0, *padding.powers_of_two(self.max_prefill_rows))
+
+    @property
+    def sampler_rows(self) -> tuple[int, ...]:
+        """Row counts the sampler is compiled for: a step's rows (decodes + prefill rows)
+        padded to the first that holds them. Few on purpose: the sampler is slow to compile."""
+        largest = self.max_num_seqs + self.max_prefill_rows
+        return tuple(sorted({min(8, largest), largest}))
+
+    @property
+    def step_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Every (decode rows, prefill rows) a step can take: what warm-up compiles."""
+        return tuple((d, p) for d in self.decode_buckets for p in self.prefill_buckets if d or p)

@@ -1,0 +1,168 @@
+"""One engine step: the host arrays that describe it, and the jitted function that runs it.
+
+A step computes ``T = Sd + Sp * C`` tokens flattened into one array: first one token for
+each of ``Sd`` decode rows, then ``C`` (``EngineConfig.chunk``) tokens for each of ``Sp``
+prefill rows (a chunk of one prompt each, padded). The matmuls run over all ``T`` tokens
+together; attention reads each row's own pages (``jaxllm.attention.paged``); the last real
+token of every row that ends a sequence's known tokens is sampled on the device. ``Sd`` and
+``Sp`` are padded to ``EngineConfig``'s buckets: each (Sd, Sp) is one compiled program,
+and nothing else about a step (sequence lengths, pages) changes its shape.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from jaxtyping import Array, Int
+
+from jaxllm import padding
+from jaxllm.attention import PagedBatch, RowGroup
+from jaxllm.engine_config import EngineConfig
+from jaxllm.kv_cache import KVPool
+from jaxllm.runtime import ModelRunner
+from jaxllm.sampling import SamplingArrays, SamplingParams, sample
+from jaxllm.scheduler import StepPlan
+
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+class StepInput(NamedTuple):
+    """Host (numpy) arrays of one step; R = Sd + Sp rows, T = Sd + Sp * C tokens."""
+
+    tokens: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T] flat pool slot (page * page_size + offset); padding: past the end
+    decode_pages: np.ndarray  # [Sd, Pmax]
+    decode_kv_len: np.ndarray  # [Sd]
+    decode_blocks: np.ndarray  # [] attention blocks the longest decode row needs
+    prefill_pages: np.ndarray  # [Sp, Pmax]
+    prefill_kv_len: np.ndarray  # [Sp]
+    prefill_blocks: np.ndarray  # []
+    logit_index: np.ndarray  # [R] the token whose hidden state each row samples from
+    sample_step: np.ndarray  # [Rs] index of the token being generated (seeds the draw)
+    sampling: SamplingArrays  # [Rs]: R rows padded to a sampler bucket
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.decode_kv_len), len(self.prefill_kv_len)
+
+
+def build(
+    plan: StepPlan, config: EngineConfig, num_pages: int, shape: tuple[int, int] | None = None
+) -> StepInput:
+    """The arrays for ``plan``, padded to its (Sd, Sp) bucket (or to ``shape``). A
+    sequence's ``payload`` is the engine's request (``output.params``, ``seed``)."""
+    Sd, Sp = shape or (
+        padding.bucket_for(len(plan.decodes), config.decode_buckets),
+        padding.bucket_for(len(plan.prefills), config.prefill_buckets),
+    )
+    C, size, width = config.chunk, config.page_size, config.max_pages_per_seq
+    T, R = Sd + Sp * C, Sd + Sp
+    Rs = padding.bucket_for(R, config.sampler_rows)
+    dropped = num_pages * size
+    tokens = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slots = np.full(T, dropped, np.int32)
+    pages = np.zeros((R, width), np.int32)
+    kv_len = np.ones(R, np.int32)
+    # Padding rows sample from a token of their own; their results are never read.
+    logit_index = np.concatenate([np.arange(Sd), Sd + C * np.arange(Sp)]).astype(np.int32)
+    sample_step = np.zeros(Rs, np.int32)
+    params = [_GREEDY] * Rs
+    seeds = [0] * Rs
+
+    def place(row: int, seq, start: int, length: int, first: int) -> None:
+        """Row ``row`` computes ``seq.tokens[start : start + length]`` as flat tokens from
+        ``first``; its padding tokens repeat the last position (they see real keys)."""
+        span = np.arange(start, start + length)
+        table = np.asarray(seq.pages, np.int32)
+        tokens[first : first + length] = seq.tokens[start : start + length]
+        positions[first : first + length] = span
+        slots[first : first + length] = table[span // size] * size + span % size
+        pages[row, : len(table)] = table
+        kv_len[row] = start + length
+        logit_index[row] = first + length - 1
+        sample_step[row] = seq.num_generated
+        params[row], seeds[row] = seq.payload.output.params, seq.payload.seed
+
+    for row, seq in enumerate(plan.decodes):
+        place(row, seq, seq.computed, 1, row)
+    for i, chunk in enumerate(plan.prefills):
+        first = Sd + i * C
+        place(Sd + i, chunk.seq, chunk.start, chunk.length, first)
+        positions[first + chunk.length : first + C] = chunk.start + chunk.length - 1
+
+    def blocks(lengths: np.ndarray) -> np.ndarray:
+        # At least one block: padding rows then read a real key and stay finite.
+        return np.int32(max(1, -(-int(lengths.max(initial=0)) // config.attention_block)))
+
+    return StepInput(
+        tokens=tokens,
+        positions=positions,
+        slots=slots,
+        decode_pages=pages[:Sd],
+        decode_kv_len=kv_len[:Sd],
+        decode_blocks=blocks(kv_len[: len(plan.decodes)]),
+        prefill_pages=pages[Sd:],
+        prefill_kv_len=kv_len[Sd:],
+        prefill_blocks=blocks(kv_len[Sd : Sd + len(plan.prefills)]),
+        logit_index=logit_index,
+        sample_step=sample_step,
+        sampling=SamplingArrays.from_params(params, seeds),
+    )
+
+
+def padding_only(shape: tuple[int, int], config: EngineConfig, num_pages: int) -> StepInput:
+    """A step of ``shape`` that writes nothing and whose tokens are ignored (warm-up)."""
+    return build(StepPlan(), config, num_pages, shape)
+
+
+class StepFunction:
+    """``(params, pool, StepInput) -> (tokens [Rs], pool)``: the model, jitted once per step
+    shape with the pool donated (updated in place) and its shardings pinned, so warm-up and
+    serving hit the same programs; then the sampler, jitted once per sampler bucket (it
+    takes longer to compile than a small model, so it is not compiled into every step
+    shape). Tokens are replicated: on a mesh spanning processes the host can only read an
+    array whose every element is on its own devices."""
+
+    def __init__(self, runner: ModelRunner, config: EngineConfig, pool: KVPool):
+        self.runner, self.config = runner, config
+        pool_shardings = jax.tree.map(lambda x: x.sharding, pool)
+        replicated = NamedSharding(runner.spec.mesh, PartitionSpec())
+        self._model = jax.jit(
+            self._logits, donate_argnames="pool", out_shardings=(replicated, pool_shardings)
+        )
+        self._sample = jax.jit(sample, out_shardings=replicated)
+
+    def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Int[Array, " Rs"], KVPool]:
+        logits, pool = self._model(params, pool, inp._replace(sampling=None, sample_step=None))
+        return self._sample(logits, inp.sampling, inp.sample_step), pool
+
+    def _logits(self, params, pool: KVPool, inp: StepInput):
+        """Logits ``[Rs, V]`` of each row's sampled token (padding rows: zeros) and the pool
+        with the step's keys and values written."""
+        Sd, Sp = inp.decode_kv_len.shape[0], inp.prefill_kv_len.shape[0]
+        positions = inp.positions
+        batch = PagedBatch(
+            slots=inp.slots,
+            decode=RowGroup(
+                inp.decode_pages, inp.decode_kv_len, positions[:Sd, None], inp.decode_blocks
+            ),
+            prefill=RowGroup(
+                inp.prefill_pages,
+                inp.prefill_kv_len,
+                positions[Sd:].reshape(Sp, self.config.chunk),
+                inp.prefill_blocks,
+            ),
+        )
+        model = self.runner.model(params)
+        hidden, pool = model(
+            inp.tokens[None], positions[None], pool, batch, block_pages=self.config.block_pages
+        )
+        logits = model.logits(hidden[:, inp.logit_index])[0]  # [R, V]
+        rows = padding.bucket_for(Sd + Sp, self.config.sampler_rows)
+        return jnp.pad(logits, ((0, rows - Sd - Sp), (0, 0))), pool
