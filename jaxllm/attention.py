@@ -79,7 +79,7 @@ def paged(
         if pages.key_scales is not None:  # int8: scale each key's scores, not its bytes
             key_scales = gather(pages.key_scales, ids)  # [R, S, K]
             scores = scores * jnp.swapaxes(key_scales, 1, 2)[:, :, None, None, :]
-        key_pos = i * S + jnp.arange(S)
+        key_pos = (i * S + jnp.arange(S))[None, None, :]  # [1, 1, S]
         visible = (key_pos <= positions) & (key_pos < rows.kv_len[:, None, None])  # [R, C, S]
         if window is not None:
             visible &= key_pos > positions - window

@@ -311,7 +311,7 @@ class Engine:
                 self._wake.notify_all()  # wait_idle callers: the scheduler may be idle now
                 self._wake.wait(0.05)
         inp = step.build(plan, self.config, self.num_pages)
-        sampled = np.asarray(self.run_step(inp))
+        sampled = np.asarray(self.run_step(inp)).tolist()
         with self._wake:
             if self.failure is not None:  # aborted meanwhile: its requests already failed
                 return False

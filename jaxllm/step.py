@@ -96,9 +96,10 @@ def build(
         place(Sd + i, chunk.seq, chunk.start, chunk.length, first)
         positions[first + chunk.length : first + C] = chunk.start + chunk.length - 1
 
-    def blocks(lengths: np.ndarray) -> np.ndarray:
+    def blocks(lengths: np.ndarray) -> np.ndarray:  # a 0-d array
         # At least one block: padding rows then read a real key and stay finite.
-        return np.int32(max(1, -(-int(lengths.max(initial=0)) // config.attention_block)))
+        needed = -(-int(lengths.max(initial=0)) // config.attention_block)
+        return np.array(max(1, needed), np.int32)
 
     return StepInput(
         tokens=tokens,

@@ -11,8 +11,8 @@ import threading
 
 
 class Admission:
-    def __init__(self, max_slots: int, max_queue: int):
-        self.capacity = max_slots + max_queue
+    def __init__(self, max_running: int, max_queue: int):
+        self.capacity = max_running + max_queue
         self._in_flight = 0
         self._draining = False
         self._lock = threading.Lock()  # released from asyncio, read by metrics' HTTP thread

@@ -75,8 +75,8 @@ def _serve(args) -> int:
         flags["metrics_port"] = None
     engine = {
         name: getattr(args, name)
-        for name in ("max_slots", "max_seq_len", "max_prompt_len", "steps_per_call")
-        + ("kv_cache_dtype",)
+        for name in ("max_num_seqs", "max_seq_len", "max_step_tokens", "kv_cache_bytes")
+        + ("kv_cache_dtype", "page_size")
         if getattr(args, name) is not None
     }
     config = config.replace(engine=engine, **flags)
@@ -185,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     srv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090)")
     srv.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
-    srv.add_argument("--max-slots", type=int, help="requests decoded together")
-    srv.add_argument("--max-prompt-len", type=int, help="longest prompt in tokens")
-    srv.add_argument("--steps-per-call", type=int, help="decode steps per device call")
-    srv.add_argument("--max-queue", type=int, help="requests waiting beyond the slots")
+    srv.add_argument("--max-num-seqs", type=int, help="sequences running at once (default 64)")
+    srv.add_argument(
+        "--max-step-tokens", type=int, help="tokens one engine step computes (default 256)"
+    )
+    srv.add_argument("--kv-cache-bytes", type=int, help="KV pool size in bytes")
+    srv.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
+    srv.add_argument("--max-queue", type=int, help="requests waiting beyond max_num_seqs")
     srv.add_argument("--stream-interval", type=int, help="tokens per message after the first")
     srv.add_argument("--drain-timeout-s", type=float, help="grace for streams on SIGTERM")
     srv.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: TLS on)")

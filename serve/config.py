@@ -1,7 +1,7 @@
 """``ServeConfig``: everything ``jaxllm serve`` needs, from defaults, a YAML file and flags.
 
 A YAML file in ``configs/`` only overrides defaults; its ``engine:`` section holds
-``EngineConfig`` fields (``max_slots``, ``max_seq_len``, ...). Unknown keys are errors, so a
+``EngineConfig`` fields (``max_num_seqs``, ``max_seq_len``, ...). Unknown keys are errors, so a
 typo never silently does nothing.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from jaxllm.distributed import DistributedConfig
-from jaxllm.engine import EngineConfig
+from jaxllm.engine_config import EngineConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,11 +24,31 @@ class Metrics:
         )
         for outcome in OUTCOMES:  # every series exists from the start, at 0
             self.requests.labels(outcome)
-        self.queue_depth = Gauge("jaxllm_queue_depth", "Requests waiting for a slot", registry=r)
-        self.slots_in_use = Gauge("jaxllm_slots_in_use", "Decode slots held", registry=r)
+        self.queue_depth = Gauge("jaxllm_queue_depth", "Requests waiting to run", registry=r)
+        self.slots_in_use = Gauge(
+            "jaxllm_slots_in_use", "Sequences running (decoding or prefilling)", registry=r
+        )
         self.in_flight = Gauge("jaxllm_in_flight", "Admitted requests not yet ended", registry=r)
         self.kv_cache_usage = Gauge(
-            "jaxllm_kv_cache_usage", "Fraction of KV-cache positions held", registry=r
+            "jaxllm_kv_cache_usage", "Fraction of KV pages held by running requests", registry=r
+        )
+        self.kv_pages = Gauge(
+            "jaxllm_kv_pages", "KV pool pages by state", ["state"], registry=r
+        )
+        self.prefix_hit_rate = Gauge(
+            "jaxllm_prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache over prompt tokens admitted",
+            registry=r,
+        )
+        self.prefix_hit_tokens = Gauge(
+            "jaxllm_prefix_cache_hit_tokens", "Prompt tokens served from the cache", registry=r
+        )
+        self.preemptions = Gauge(
+            "jaxllm_preemptions", "Running requests preempted for lack of KV pages", registry=r
+        )
+        self.compiles = Gauge(
+            "jaxllm_xla_compiles", "XLA compilations in this process (flat after warm-up)",
+            registry=r,
         )
         self.ttft = Histogram(
             "jaxllm_time_to_first_token_seconds",
@@ -62,9 +82,17 @@ class Metrics:
     def watch(self, engine: Engine, admission: Admission) -> None:
         """Reads the live figures at scrape time, so they are never stale."""
         self.queue_depth.set_function(lambda: engine.queue_depth)
-        self.slots_in_use.set_function(lambda: engine.slots_in_use)
+        self.slots_in_use.set_function(lambda: engine.running)
         self.in_flight.set_function(lambda: admission.in_flight)
         self.kv_cache_usage.set_function(lambda: engine.kv_cache_usage)
+        for state in ("used", "cached", "free"):
+            self.kv_pages.labels(state).set_function(
+                lambda state=state: engine.stats()[f"pages_{state}"]
+            )
+        self.prefix_hit_rate.set_function(lambda: engine.stats()["prefix_hit_rate"])
+        self.prefix_hit_tokens.set_function(lambda: engine.stats()["prefix_hit_tokens"])
+        self.preemptions.set_function(lambda: engine.stats()["preemptions"])
+        self.compiles.set_function(lambda: engine.stats()["compiles"])
 
     def serve_http(self, host: str, port: int) -> int:
         """Starts the /metrics endpoint in a thread; returns the port bound (for port 0)."""

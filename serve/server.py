@@ -117,7 +117,7 @@ class Server:
         self.llm = await loop.run_in_executor(None, _load, self.config, self.metrics)
         if jax.process_count() > 1:
             self.leader = await loop.run_in_executor(None, multihost.lead, self.llm, self.config)
-        self.admission = Admission(self.llm.engine.config.max_slots, self.config.max_queue)
+        self.admission = Admission(self.llm.engine.config.max_num_seqs, self.config.max_queue)
         self.metrics.watch(self.llm.engine, self.admission)
         self.switch.target = LLMServicer(self.llm, self.config, self.admission, self.metrics)
         await _set_health(self.health, _SERVING)

@@ -173,22 +173,31 @@ class LLMServicer(pb_grpc.LLMServicer):
             model_name=self.llm.name,
             architecture=cfg.architecture,
             max_context=engine_cfg.max_seq_len,
-            max_prompt_tokens=engine_cfg.prompt_limit,
+            max_prompt_tokens=engine_cfg.max_seq_len - 1,
             vocab_size=cfg.vocab_size,
             mesh=describe_mesh(self.llm.mesh),
             dtype=jnp.dtype(self.llm.runner.spec.dtype).name,
-            max_slots=engine_cfg.max_slots,
+            max_slots=engine_cfg.max_num_seqs,
             max_queue=self.config.max_queue,
             num_params=cfg.num_params,
+            kv_pages=self.engine.num_pages,
+            page_size=engine_cfg.page_size,
+            kv_cache_bytes=self.engine.kv_cache_bytes,
         )
 
     async def GetStats(self, request, context) -> pb.ServerStats:
+        stats = self.engine.stats()
         return pb.ServerStats(
-            slots_in_use=self.engine.slots_in_use,
-            queue_depth=self.engine.queue_depth,
+            slots_in_use=stats["running"],
+            queue_depth=stats["waiting"],
             in_flight=self.admission.in_flight,
-            kv_cache_usage=self.engine.kv_cache_usage,
+            kv_cache_usage=stats["pages_used"] / stats["pages_total"],
             draining=self.admission.draining,
+            kv_pages_used=stats["pages_used"],
+            kv_pages_cached=stats["pages_cached"],
+            kv_pages_free=stats["pages_free"],
+            prefix_cache_hit_rate=stats["prefix_hit_rate"],
+            preemptions=stats["preemptions"],
         )
 
 

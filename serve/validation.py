@@ -59,7 +59,7 @@ def _prompt_ids(request: pb.GenerateRequest, engine: Engine, tokenizer: Tokenize
         raise InvalidRequest("prompt", "give prompt or token_ids, not both")
     if not (has_text or has_ids):
         raise InvalidRequest("prompt", "empty: give prompt text or token_ids")
-    limit, vocab = engine.config.prompt_limit, engine.runner.config.vocab_size
+    limit, vocab = engine.config.max_seq_len - 1, engine.runner.config.vocab_size
     if has_ids:
         ids = list(request.token_ids)
         if len(ids) > limit:

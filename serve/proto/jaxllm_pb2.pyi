@@ -83,7 +83,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "max_context", "max_prompt_tokens", "vocab_size", "mesh", "dtype", "max_slots", "max_queue", "num_params")
+    __slots__ = ("model_name", "architecture", "max_context", "max_prompt_tokens", "vocab_size", "mesh", "dtype", "max_slots", "max_queue", "num_params", "kv_pages", "page_size", "kv_cache_bytes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,9 @@ class ModelInfo(_message.Message):
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     NUM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     max_context: int
@@ -104,22 +107,35 @@ class ModelInfo(_message.Message):
     max_slots: int
     max_queue: int
     num_params: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., mesh: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., num_params: _Optional[int] = ...) -> None: ...
+    kv_pages: int
+    page_size: int
+    kv_cache_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., mesh: _Optional[str] = ..., dtype: _Optional[str] = ..., max_slots: _Optional[int] = ..., max_queue: _Optional[int] = ..., num_params: _Optional[int] = ..., kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("slots_in_use", "queue_depth", "in_flight", "kv_cache_usage", "draining")
+    __slots__ = ("slots_in_use", "queue_depth", "in_flight", "kv_cache_usage", "draining", "kv_pages_used", "kv_pages_cached", "kv_pages_free", "prefix_cache_hit_rate", "preemptions")
     SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_CACHED_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     slots_in_use: int
     queue_depth: int
     in_flight: int
     kv_cache_usage: float
     draining: bool
-    def __init__(self, slots_in_use: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_pages_used: int
+    kv_pages_cached: int
+    kv_pages_free: int
+    prefix_cache_hit_rate: float
+    preemptions: int
+    def __init__(self, slots_in_use: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
