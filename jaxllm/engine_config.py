@@ -18,7 +18,7 @@ class EngineConfig:
     max_seq_len: int = 1024  # prompt + output tokens of one request
     max_num_seqs: int = 64  # sequences running at once (decode rows of a step, at most)
     max_step_tokens: int = 256  # tokens one step computes: decodes + prefill chunks
-    chunk: int = 64  # prompt tokens one prefill row computes (chunked prefill)
+    chunk: int = 32  # prompt tokens one prefill row computes (chunked prefill)
     page_size: int = 16  # tokens per KV page
     attention_block: int = 128  # key positions attention reads per loop iteration
     kv_cache_bytes: int | None = None  # KV pool size; None: see CPU_DEFAULT_KV_BYTES
@@ -65,11 +65,16 @@ class EngineConfig:
 
     @property
     def decode_buckets(self) -> tuple[int, ...]:
-        return (0, *padding.powers_of_two(self.max_num_seqs))
+        """Decode rows a step is compiled for: powers of two up to ``max_num_seqs``. A step
+        without decodes carries one padding row, which saves a program per prefill shape."""
+        return padding.powers_of_two(self.max_num_seqs)
 
     @property
     def prefill_buckets(self) -> tuple[int, ...]:
-        return (0, *padding.powers_of_two(self.max_prefill_rows))
+        """Prefill rows a step is compiled for: none, one (a long prompt's chunk while others
+        decode: the common case, kept cheap), or all that ``max_step_tokens`` allows (a burst
+        of new prompts). Few on purpose: every (decode, prefill) pair is a program."""
+        return tuple(sorted({0, 1, self.max_prefill_rows}))
 
     @property
     def sampler_rows(self) -> tuple[int, ...]:
@@ -81,4 +86,4 @@ class EngineConfig:
     @property
     def step_shapes(self) -> tuple[tuple[int, int], ...]:
         """Every (decode rows, prefill rows) a step can take: what warm-up compiles."""
-        return tuple((d, p) for d in self.decode_buckets for p in self.prefill_buckets if d or p)
+        return tuple((d, p) for d in self.decode_buckets for p in self.prefill_buckets)

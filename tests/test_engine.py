@@ -16,7 +16,7 @@ from jaxllm.sampling import SamplingParams
 from jaxllm.tokenizer import byte_level_tokenizer
 
 # Small shapes, so that warm-up compiles few programs: decode rows {1, 2, 4} x prefill rows
-# {1, 2} of 16-token chunks, 8-token pages.
+# {0, 1, 2} of 16-token chunks, 8-token pages.
 OPTIONS = dict(max_seq_len=256, max_num_seqs=4, max_step_tokens=32, chunk=16, page_size=8)
 POOL_TOKENS = 320
 
