@@ -88,7 +88,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_prune.json")
     args = parser.parse_args()
 
-    full = jaxllm.LLM.load(warm_up=False, max_slots=1)
+    full = jaxllm.LLM.load(warm_up=False, max_num_seqs=1)
     calibration, heldout = prune.demo_texts()
     calib = prune.token_windows(full.tokenizer, calibration, 256, limit=args.calibration_windows)
     evaluation = prune.token_windows(

@@ -15,7 +15,7 @@ it measures, in one process and one run:
 
 - memory: weight bytes (summed over the loaded arrays, scales included) and KV-cache bytes
   per slot (from the engine's cache, scales included);
-- speed: batch-1 decode tokens/s (engine with ``max_slots=1``, the time between the first
+- speed: batch-1 decode tokens/s (engine with ``max_num_seqs=1``, the time between the first
   and the last token of a long greedy output, so prefill is excluded) and MBU = bytes a step
   must read (weights without the embedding table, plus the KV positions held) / step time /
   read bandwidth measured in the same run; and output tokens/s with 8 requests at once;
@@ -131,14 +131,14 @@ def decode_read_bytes(llm: jaxllm.LLM, held_positions: float) -> dict:
     weight_bytes = param_bytes(llm.runner.state)
     if not llm.config.tie_word_embeddings:
         weight_bytes -= table
-    engine = llm.engine.config
-    per_position = llm.engine.kv_cache_bytes / (engine.max_slots * engine.max_seq_len)
+    engine = llm.engine
+    per_position = engine.kv_cache_bytes / (engine.num_pages * engine.config.page_size)
     kv = per_position * held_positions
     return {"weights": weight_bytes, "kv_cache": kv, "total": weight_bytes + kv}
 
 
 def decode_speeds(engines: dict, prompt: list[int], args, read_gbps: float) -> dict:
-    """Batch-1 decode of each engine (``max_slots=1``), rounds interleaved, best kept."""
+    """Batch-1 decode of each engine (``max_num_seqs=1``), rounds interleaved, best kept."""
     best: dict = {}
     for llm in engines.values():
         bench_engine.engine_round(llm, [prompt], 4)  # compiles nothing new; warms caches
@@ -201,12 +201,13 @@ def run_model(name: str, source: Path, windows, texts, prompts, args, read_gbps)
         for setting in settings:
             print(f"  {name}: {setting.name}", flush=True)
             paths[setting.name] = prepare(setting, source, Path(work), texts)
-            llm = jaxllm.LLM.load(paths[setting.name], max_slots=1, **_options(setting, args))
+            llm = jaxllm.LLM.load(paths[setting.name], max_num_seqs=1, **_options(setting, args))
             row: dict = {}
             row["params"] = llm.config.num_params
             row["weight_bytes"] = param_bytes(llm.runner.state)
-            row["kv_bytes_per_slot"] = llm.engine.kv_cache_bytes
-            row["kv_bytes_per_token"] = llm.engine.kv_cache_bytes / args.max_seq_len
+            pool_tokens = llm.engine.num_pages * llm.engine.config.page_size
+            row["kv_bytes_per_token"] = llm.engine.kv_cache_bytes / pool_tokens
+            row["kv_bytes_per_slot"] = row["kv_bytes_per_token"] * args.max_seq_len
             logp = log_probs(llm, windows)
             if reference is None:
                 reference = logp
@@ -227,7 +228,7 @@ def run_model(name: str, source: Path, windows, texts, prompts, args, read_gbps)
             bench_engine.release(llm)
         print(f"  {name}: 8 concurrent requests, settings taking turns", flush=True)
         engines = {
-            s.name: jaxllm.LLM.load(paths[s.name], max_slots=8, **_options(s, args))
+            s.name: jaxllm.LLM.load(paths[s.name], max_num_seqs=8, **_options(s, args))
             for s in settings
         }
         best: dict[str, float] = {}

@@ -21,7 +21,7 @@ the server process), which a machine shared with other work skews less.
 Writes ``OUT/bench_serving.json`` and ``OUT/bench_serving.png``.
 
     python scripts/bench_serving.py [--model DIR] [--concurrency 32] [--rate R]
-        [--requests 128] [--prompt-len 32] [--max-tokens 128] [--max-slots 32] [--out out]
+        [--requests 128] [--prompt-len 32] [--max-tokens 128] [--max-num-seqs 32] [--out out]
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def measured(run, server_pid: int | None = None) -> dict:
 
 def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--no-metrics"]
-    command += ["--max-slots", str(args.max_slots), "--max-seq-len", str(args.max_seq_len)]
+    command += ["--max-num-seqs", str(args.max_num_seqs), "--max-seq-len", str(args.max_seq_len)]
     command += ["--max-queue", str(args.requests), "--stream-interval", str(args.stream_interval)]
     if args.model:
         command += ["--model", args.model]
@@ -270,7 +270,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--max-slots", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stream-interval", type=int, default=1, help="server's, see serve")
     parser.add_argument("--out", default="out")
@@ -279,13 +279,13 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    llm = LLM.load(args.model, max_slots=args.max_slots, max_seq_len=args.max_seq_len)
+    llm = LLM.load(args.model, max_num_seqs=args.max_num_seqs, max_seq_len=args.max_seq_len)
     prompts = workload(args, llm.config.vocab_size)
-    run_in_process(llm, prompts[: args.max_slots], args)  # throwaway: first-use costs
+    run_in_process(llm, prompts[: args.max_num_seqs], args)  # throwaway: first-use costs
     proc, target = start_server(args, out / "bench_serving_server.log")
     rounds = {"in_process": [], "grpc": []}
     try:
-        asyncio.run(run_grpc(target, prompts[: args.max_slots], args))  # throwaway
+        asyncio.run(run_grpc(target, prompts[: args.max_num_seqs], args))  # throwaway
         for r in range(args.rounds):
             rounds["in_process"].append(measured(lambda: run_in_process(llm, prompts, args)))
             rounds["grpc"].append(
@@ -307,7 +307,8 @@ def main() -> int:
     result = {
         "workload": (
             f"{args.requests} requests, {load}, prompt {args.prompt_len}, "
-            f"output {args.max_tokens} tokens, {args.max_slots} slots, model {llm.name}, "
+            f"output {args.max_tokens} tokens, {args.max_num_seqs} running at once, "
+            f"model {llm.name}, "
             f"stream_interval {args.stream_interval}"
         ),
         "args": vars(args),

@@ -37,7 +37,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    args = ["--model", str(model_path), "--metrics-port", "0", "--max-slots", str(SLOTS)]
+    args = ["--model", str(model_path), "--metrics-port", "0", "--max-num-seqs", str(SLOTS)]
     args += ["--max-queue", str(QUEUE), "--max-seq-len", str(CONTEXT), "--sample", SAMPLE]
     proc = ServerProcess(args, tmp_path_factory.mktemp("serve_log") / "server.log")
     try:
@@ -54,7 +54,7 @@ def reference(model_path):
     """The notebook API on the same model and the same single-device layout as the server."""
     mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
     with jaxllm.LLM.load(
-        model_path, mesh=mesh, max_slots=SLOTS, max_seq_len=CONTEXT, warm_up=False
+        model_path, mesh=mesh, max_num_seqs=SLOTS, max_seq_len=CONTEXT, warm_up=False
     ) as llm:
         yield llm
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxllm.engine import EngineConfig
+from jaxllm.engine_config import EngineConfig
 from serve.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +67,10 @@ def test_unknown_config_keys_are_errors(tmp_path):
 
 def test_flags_override_the_file_and_engine_fields_merge(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("port: 1234\nengine:\n  max_slots: 4\n  max_seq_len: 256\n")
-    config = ServeConfig.from_yaml(path).replace(port=4321, engine={"max_slots": 2})
+    path.write_text("port: 1234\nengine:\n  max_num_seqs: 4\n  max_seq_len: 256\n")
+    config = ServeConfig.from_yaml(path).replace(port=4321, engine={"max_num_seqs": 2})
     assert config.port == 4321
-    assert config.engine_config == EngineConfig(max_slots=2, max_seq_len=256)
+    assert config.engine_config == EngineConfig(max_num_seqs=2, max_seq_len=256)
 
 
 def test_gen_proto_script_is_executable():

@@ -46,7 +46,7 @@ def server(tmp_path_factory, tls_files, model):
     key, cert = tls_files
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
-    args = ["--model", str(model), "--max-seq-len", "128", "--max-slots", "4", "--no-metrics"]
+    args = ["--model", str(model), "--max-seq-len", "128", "--max-num-seqs", "4", "--no-metrics"]
     args += ["--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(token_file)]
     args += ["--drain-timeout-s", "60"]
     proc = ServerProcess(args, tmp_path_factory.mktemp("lifecycle_log") / "server.log")
@@ -195,7 +195,7 @@ def test_an_engine_failure_fails_streams_clearly_and_flips_health(model):
     config = ServeConfig(
         model=str(model),
         mesh="data=2,tensor=4",  # this process has 8 fake devices
-        engine={"max_slots": 4, "max_seq_len": 128},
+        engine={"max_num_seqs": 4, "max_seq_len": 128},
         port=0,
         metrics_port=None,
         drain_timeout_s=0,
