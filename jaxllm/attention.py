@@ -69,11 +69,7 @@ def paged(
     positions = rows.positions[:, :, None]  # [R, C, 1]
 
     def gather(buffer, ids):  # [R, block_pages] page ids -> [R, S, ...]
-        # Whole pages as rows of a 2-D view: XLA:CPU copies them twice as fast as it
-        # gathers buffer[ids] (measured: 0.75 against 1.66 ms for 256 pages of 16 KiB).
-        rows = buffer.reshape(buffer.shape[0], -1)
-        taken = jnp.take(rows, ids.reshape(-1), axis=0)
-        return taken.reshape(R, S, *buffer.shape[2:])
+        return buffer[ids].reshape(R, S, *buffer.shape[2:])
 
     def block(i, carry):
         m, total, acc = carry  # [R, K, G, C], same, [R, K, G, C, H]
