@@ -26,7 +26,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--quantize", choices=["int8"], help="int8 weights with per-channel scales (at load)"
     )
     parser.add_argument(
-        "--kv-cache-dtype", choices=["int8"], help="int8 KV cache: ~3.8x the slots per byte"
+        "--kv-cache-dtype", choices=["int8"], help="int8 KV cache: ~3.8x the tokens per byte"
     )
 
 

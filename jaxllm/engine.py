@@ -74,20 +74,25 @@ class Mirror(Protocol):
 
 
 def pool_pages(runner: ModelRunner, config: EngineConfig) -> int:
-    """Pages of the KV pool: ``kv_cache_bytes`` if given; else on a backend that reports
-    memory, a fraction of what is free; else (CPU) enough for ``max_num_seqs`` full-length
-    sequences, at most ``CPU_DEFAULT_KV_BYTES``."""
+    """Pages of the KV pool: ``kv_cache_bytes`` if given; else on a one-process mesh whose
+    backend reports memory, a fraction of what is free; else (CPU, multi-process) enough for
+    ``max_num_seqs`` full-length sequences, at most ``CPU_DEFAULT_KV_BYTES``."""
     cfg = runner.config
     dtype = config.kv_cache_dtype or runner.spec.dtype
     per_token = kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
     per_page = per_token * config.page_size
     budget = config.kv_cache_bytes
+    mesh = runner.spec.mesh
     if budget is None:
-        stats = runner.spec.mesh.devices.flat[0].memory_stats() or {}
+        # Processes of a multi-host mesh must agree on the pool (their steps are one program),
+        # and each sees only its own devices' free memory: they use the fixed rule below.
+        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        single_process = len(local) == mesh.devices.size
+        stats = (local[0].memory_stats() or {}) if single_process else {}
         if "bytes_limit" in stats:
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
             # The pool's heads are split over the mesh; each device holds its share.
-            budget = int(free * ACCELERATOR_KV_FRACTION) * runner.spec.mesh.devices.size
+            budget = int(free * ACCELERATOR_KV_FRACTION) * mesh.devices.size
         else:
             need = config.max_num_seqs * config.max_pages_per_seq * per_page
             budget = min(need, CPU_DEFAULT_KV_BYTES)

@@ -75,8 +75,9 @@ class LLM:
         one device (fake host devices share the same cores, so splitting only adds work).
         ``engine_options`` are ``jaxllm.EngineConfig`` fields (``max_seq_len``,
         ``max_num_seqs``, ``max_step_tokens``, ``kv_cache_bytes``, ``kv_cache_dtype``,
-        ...); every step shape is compiled before this returns unless ``warm_up=False``. With ``start=False`` the engine's threads do not
-        run: a multi-host follower (``jaxllm.lockstep``) replays the leader's device calls.
+        ...); every step shape is compiled before this returns unless ``warm_up=False``.
+        With ``start=False`` the engine's threads do not run: a multi-host follower
+        (``jaxllm.lockstep``) replays the leader's steps.
 
         ``quantize="int8"`` stores every weight in int8 with per-output-channel scales
         (``jaxllm.quantize``), quantizing a float checkpoint one weight at a time as it is

@@ -4,15 +4,14 @@ On a mesh that spans several processes every jitted call is one program run by a
 together (SPMD): each process must make the same calls, in the same order, with the same
 arguments, or the collectives inside never meet. Process 0 runs the scheduler (the engine
 thread). Before each device call it sends the call's arguments to every other process, and
-they make the same call:
+they make the same call, ``Engine.run_step(inp)``: every array of the step's ``StepInput``
+(tokens, positions, pool slots, page tables, per-row sampling parameters and seeds; 0-d
+ones included) travels with its dtype and shape, so the follower's call has the same
+arguments, hence runs the same compiled program, as the leader's.
 
-  * ``Engine.run_prefill(batch)``: the prompts' padded tokens, lengths, slot assignments and
-    per-row sampling parameters and seeds (all in ``PrefillBatch``'s host arrays);
-  * ``Engine.run_generate(attend_len)``: one decode call over every slot.
-
-Frees, cancellations and stop conditions are host bookkeeping on the leader: they change
-which slot the next prefill names, never the shape of a call, so they need no message of
-their own. Followers never read tokens back or detokenize.
+Frees, cancellations, preemptions and stop conditions are host bookkeeping on the leader's
+scheduler: they change which tokens and pages the next step names, nothing else, so they
+need no message of their own. Followers never read tokens back or detokenize.
 
 The messages travel over a TCP side channel from the leader to each follower rather than
 through a collective (``multihost_utils.broadcast_one_to_all``): a follower waiting in a
@@ -43,8 +42,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxllm.engine import PrefillBatch
 from jaxllm.sampling import SamplingArrays
+from jaxllm.step import StepInput
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +56,7 @@ _ADDRESS_BYTES = 512  # the broadcast address text, zero-padded to a fixed shape
 class Replayer(Protocol):
     """What a follower replays the leader's calls on: an ``Engine``."""
 
-    def run_prefill(self, batch: PrefillBatch) -> object: ...
-
-    def run_generate(self, attend_len: int) -> object: ...
+    def run_step(self, inp: StepInput) -> object: ...
 
 
 class PeerLost(RuntimeError):
@@ -95,7 +92,8 @@ def advertised_host(coordinator_host: str | None) -> str:
 
 
 def _encode(kind: str, arrays: dict[str, np.ndarray] | None = None, **fields) -> bytes:
-    arrays = {name: np.ascontiguousarray(a) for name, a in (arrays or {}).items()}
+    # np.require, not np.ascontiguousarray: that one turns a 0-d array into shape [1].
+    arrays = {name: np.require(a, requirements="C") for name, a in (arrays or {}).items()}
     specs = [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]
     header = json.dumps({"kind": kind, "arrays": specs, **fields}).encode()
     body = b"".join(a.tobytes() for a in arrays.values())
@@ -129,16 +127,16 @@ def _decode(sock: socket.socket) -> tuple[dict, dict[str, np.ndarray]]:
     return header, arrays
 
 
-def _batch_arrays(batch: PrefillBatch) -> dict[str, np.ndarray]:
-    arrays = {f: getattr(batch, f) for f in PrefillBatch._fields if f != "sampling"}
-    arrays.update({f"sampling.{f}": getattr(batch.sampling, f) for f in SamplingArrays._fields})
+def _step_arrays(inp: StepInput) -> dict[str, np.ndarray]:
+    arrays = {f: getattr(inp, f) for f in StepInput._fields if f != "sampling"}
+    arrays.update({f"sampling.{f}": getattr(inp.sampling, f) for f in SamplingArrays._fields})
     return arrays
 
 
-def _batch_of(arrays: dict[str, np.ndarray]) -> PrefillBatch:
+def _step_of(arrays: dict[str, np.ndarray]) -> StepInput:
     sampling = SamplingArrays(*(arrays[f"sampling.{f}"] for f in SamplingArrays._fields))
-    fields = {f: arrays[f] for f in PrefillBatch._fields if f != "sampling"}
-    return PrefillBatch(**fields, sampling=sampling)
+    fields = {f: arrays[f] for f in StepInput._fields if f != "sampling"}
+    return StepInput(**fields, sampling=sampling)
 
 
 # -- process 0 --------------------------------------------------------------------------------
@@ -218,11 +216,8 @@ class Leader:
 
     # Mirror: called by the engine thread before each device call.
 
-    def prefill(self, batch: PrefillBatch) -> None:
-        self._send(_encode("prefill", _batch_arrays(batch)))
-
-    def generate(self, attend_len: int) -> None:
-        self._send(_encode("generate", attend_len=int(attend_len)))
+    def step(self, inp: StepInput) -> None:
+        self._send(_encode("step", _step_arrays(inp)))
 
     def close(self) -> None:
         """Tells the followers to stop (they exit 0), then closes the channel."""
@@ -324,10 +319,8 @@ def follow(
             except (OSError, ValueError) as e:
                 raise PeerLost(f"the leader's connection closed ({e})") from e
             kind = header["kind"]
-            if kind == "prefill":
-                engine.run_prefill(_batch_of(arrays))
-            elif kind == "generate":
-                engine.run_generate(header["attend_len"])
+            if kind == "step":
+                engine.run_step(_step_of(arrays))
             elif kind == "stop":
                 return calls
             elif kind != "heartbeat":

@@ -42,6 +42,9 @@ class ModelSpec:
     mesh: Mesh
     rules: ShardingRules
     quantized: str | None = None  # "int8": weights int8 + scales (jaxllm.quantize)
+    # False: heads that the tensor axis does not divide are replicated instead of padded and
+    # copied (training: a copied KV head would get its own gradient and drift apart).
+    split_heads: bool = True
 
     def __post_init__(self):
         quantize.check_method(self.quantized)
@@ -59,6 +62,8 @@ class ModelSpec:
     @property
     def head_split(self) -> int:
         """How many ways the rules split attention heads on this mesh."""
+        if not self.split_heads:
+            return 1
         return head_layout.tensor_size(lambda axis: self.rules.split_size(axis, self.mesh))
 
     def describe_heads(self) -> str:

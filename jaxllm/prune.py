@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxllm import demo, head_layout, kv_cache, orbax_checkpoint, rope
+from jaxllm import demo, head_layout, orbax_checkpoint, rope
 from jaxllm.config import ModelConfig
 from jaxllm.engine import Engine, EngineConfig
 from jaxllm.llm import LLM
@@ -137,20 +137,20 @@ def _calibration_sums(
 
     Runs the model's own submodules block by block, so that each MLP's input and each
     attention's heads are at hand (the model's forward returns only the final hidden state).
-    Every token attends to its window's earlier tokens through a fresh cache, as in a
-    prefill. XLA shares the work that the statistics repeat (the gate and up matmuls, the
-    attention itself)."""
+    Every token attends to its window's earlier tokens by the model's plain causal
+    attention (no KV pool, as in a forward pass without one). XLA shares the work that the
+    statistics repeat (the gate and up matmuls, the attention itself)."""
     cfg = model.config
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     x = jnp.take(model.embed[...], tokens, axis=0)
     inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
-    cache = kv_cache.empty(cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim, x.dtype)
     mlp_sums, head_sums = [], []
-    for i, block in enumerate(model.layers):
+    for block in model.layers:
         h = block.attn_norm(x)
-        args = (positions, cos, sin, cache.layer(i))
+        # No pages and no engine step: causal attention (block_pages is then unused).
+        args = (positions, cos, sin, None, None, 8, None)
         attn_out, _ = block.attn(h, *args)
         heads = _head_outputs(block.attn, h, *args)
         wo = block.attn.wo[...]  # [D, N, H]
@@ -279,14 +279,12 @@ def perplexity(
             f"evaluation windows of {T} + 1 tokens exceed the model's context "
             f"({runner.config.max_position_embeddings})"
         )
-    cache = runner.new_cache(batch, T)
     positions = np.broadcast_to(np.arange(T, dtype=np.int32)[None], (batch, T))
     total = 0.0
     for start in range(0, len(windows), batch):
         rows = windows[start : start + batch]
         padded = np.concatenate([rows, np.repeat(rows[:1], batch - len(rows), axis=0)])
-        # The cache is donated and handed back: every call rewrites positions 0..T-1.
-        logits, cache = runner.forward(runner.params, padded[:, :-1], positions, cache)
+        logits = runner.forward(runner.params, padded[:, :-1], positions)
         total += float(np.asarray(_row_nll(logits, padded[:, 1:]))[: len(rows)].sum())
     return math.exp(total / (len(windows) * T))
 
@@ -558,7 +556,7 @@ def prune_checkpoint(
         calibration_source = "given text"
 
     start = time.perf_counter()
-    llm = LLM.load(source.absolute(), mesh=mesh, warm_up=False, max_slots=1)
+    llm = LLM.load(source.absolute(), mesh=mesh, warm_up=False, max_num_seqs=1)
     try:
         T = min(256, llm.max_seq_len)
         if eval_text is None:

@@ -21,7 +21,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxtyping import Array, Float, Int
 
-from jaxllm import kv_cache
 from jaxllm.params import ModelSpec
 
 
@@ -83,6 +82,13 @@ class Trainer:
     """
 
     def __init__(self, spec: ModelSpec, graphdef: nnx.GraphDef, state: nnx.State, opt):
+        if spec.config.head_layout is not None:
+            raise ValueError(
+                "training a model whose attention heads are padded or copied over the tensor "
+                "axis is not supported (each copy of a KV head would get its own gradient); "
+                "build the ModelSpec with split_heads=False, or use a mesh whose tensor axis "
+                "divides the heads"
+            )
         self.spec, self.graphdef, self.opt = spec, graphdef, opt
         params, self._treedef = jax.tree.flatten(state)
         batch_axes = ("act_batch", "act_length")
@@ -115,17 +121,11 @@ class Trainer:
         return jax.device_put(batch, self.batch_sharding(batch.shape))
 
     def _loss(self, params, batch: Int[Array, "B T1"]) -> Float[Array, ""]:
-        cfg, spec = self.spec.config, self.spec
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, params))
         tokens, targets = batch[:, :-1], batch[:, 1:]
         B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        # The forward pass writes keys and values into a cache as long as the window; made
-        # inside the jit, it is only a buffer of the step.
-        cache = kv_cache.empty(
-            cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim, spec.dtype, spec.mesh, spec.rules
-        )
-        hidden, _ = model(tokens, positions, cache)
+        hidden, _ = model(tokens, positions)  # no KV pool: plain causal attention
         return next_token_loss(model.logits(hidden), targets)
 
     def _step(self, state: TrainState, batch: Int[Array, "B T1"]):

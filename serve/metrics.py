@@ -32,9 +32,7 @@ class Metrics:
         self.kv_cache_usage = Gauge(
             "jaxllm_kv_cache_usage", "Fraction of KV pages held by running requests", registry=r
         )
-        self.kv_pages = Gauge(
-            "jaxllm_kv_pages", "KV pool pages by state", ["state"], registry=r
-        )
+        self.kv_pages = Gauge("jaxllm_kv_pages", "KV pool pages by state", ["state"], registry=r)
         self.prefix_hit_rate = Gauge(
             "jaxllm_prefix_cache_hit_rate",
             "Prompt tokens served from the prefix cache over prompt tokens admitted",
@@ -47,7 +45,8 @@ class Metrics:
             "jaxllm_preemptions", "Running requests preempted for lack of KV pages", registry=r
         )
         self.compiles = Gauge(
-            "jaxllm_xla_compiles", "XLA compilations in this process (flat after warm-up)",
+            "jaxllm_xla_compiles",
+            "XLA compilations in this process (flat after warm-up)",
             registry=r,
         )
         self.ttft = Histogram(

@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxllm import lockstep
-from jaxllm.engine import EngineConfig, PrefillBatch
+from jaxllm import lockstep, step
+from jaxllm.engine_config import EngineConfig
 from jaxllm.request import Request
 from jaxllm.request_output import RequestOutput
 from jaxllm.sampling import SamplingParams
+from jaxllm.scheduler import Chunk, Sequence, StepPlan
 from jaxllm.tokenizer import byte_level_tokenizer
 from serve import cli
 from serve.config import ServeConfig
@@ -259,8 +260,8 @@ def test_a_silent_follower_is_reported_and_a_wrong_token_refused():
     while not lost and time.monotonic() - start < 5:
         time.sleep(0.05)
     assert lost == ["process 1 sent no heartbeat for 1 s"]
-    with pytest.raises(lockstep.PeerLost):
-        leader.generate(64)  # the engine's next call fails instead of hanging
+    with pytest.raises(lockstep.PeerLost):  # the engine's next call fails instead of hanging
+        leader.step(step.padding_only((1, 0), EngineConfig(max_seq_len=64), num_pages=8))
     silent.close()
     intruder.close()
 
@@ -280,19 +281,35 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def run_prefill(self, batch):
-        self.calls.append(("prefill", batch))
+    def run_step(self, inp):
+        self.calls.append(inp)
 
-    def run_generate(self, attend_len):
-        self.calls.append(("generate", attend_len))
+
+def _request(prompt: list[int], params: SamplingParams) -> Request:
+    output = RequestOutput(byte_level_tokenizer(), params, prompt)
+    return Request("r", prompt, output, params.seed)
 
 
 def test_the_follower_replays_exactly_what_the_leader_sends():
-    config = EngineConfig(max_slots=4, max_seq_len=64)
+    """Every array of a step (0-d block counts and empty row groups included) arrives with
+    its dtype, shape and values, in the same tree."""
+    config = EngineConfig(max_num_seqs=4, max_seq_len=64, max_step_tokens=32, chunk=16)
+    num_pages = 20
     params = SamplingParams(temperature=0.7, top_p=0.9, seed=2**62 + 5)
-    output = RequestOutput(byte_level_tokenizer(), params, [5, 6, 7])
-    request = Request("r", [5, 6, 7], output, params.seed)
-    batch = PrefillBatch.of([(2, request)], 1, 16, config)
+    greedy = SamplingParams(temperature=0.0, top_k=3, seed=9)
+    decoding = Sequence(
+        "d", [5, 6, 7, 8, 9], 3, 16, payload=_request([5, 6, 7], params), computed=4, pages=[3]
+    )
+    prompt = list(range(40, 60))
+    chunked = Sequence(
+        "p", prompt, 20, 16, payload=_request(prompt, greedy), computed=16, pages=[7, 2]
+    )
+    plan = StepPlan(decodes=[decoding], prefills=[Chunk(chunked, 16, 4, True)])  # the last 4
+    steps = [
+        step.build(plan, config, num_pages),
+        step.padding_only((4, 0), config, num_pages),  # no prefill rows: [0, Pmax] arrays
+    ]
+    assert steps[0].decode_blocks.shape == () and steps[1].prefill_pages.shape[0] == 0
     leader = lockstep.Leader("127.0.0.1", 1, timeout_s=5.0)
     recorder, calls = Recorder(), []
     follower = threading.Thread(
@@ -300,14 +317,18 @@ def test_the_follower_replays_exactly_what_the_leader_sends():
     )
     follower.start()
     leader.accept(timeout_s=10)
-    leader.prefill(batch)
-    leader.generate(64)
+    for inp in steps:
+        leader.step(inp)
     leader.close()
     follower.join(10)
-    assert calls == [2]
-    (kind, got), generate = recorder.calls
-    assert kind == "prefill" and generate == ("generate", 64)
-    leaves = zip(jax.tree.leaves(batch), jax.tree.leaves(got), strict=True)
-    for i, (want, have) in enumerate(leaves):
-        assert have.dtype == want.dtype and np.array_equal(have, want), i
-    assert jax.tree.structure(got) == jax.tree.structure(batch)
+    assert calls == [2] and len(recorder.calls) == 2
+    for want, got in zip(steps, recorder.calls, strict=True):
+        assert isinstance(got, step.StepInput) and got.shape == want.shape
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        leaves = zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)
+        for i, (a, b) in enumerate(leaves):
+            a = np.asarray(a)
+            assert (b.dtype, b.shape) == (a.dtype, a.shape), i
+            assert np.array_equal(a, b), i
+    # The 64-bit seed's high word made it across.
+    assert recorder.calls[0].sampling.seed[0].tolist() == [2**30, 5]

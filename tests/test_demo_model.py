@@ -40,7 +40,8 @@ def counting(starts: np.ndarray) -> np.ndarray:
 
 
 def trainer_on(mesh_shape: dict[str, int], rules) -> Trainer:
-    spec = ModelSpec(TINY, jnp.float32, make_mesh(mesh_shape), rules)
+    # Heads the tensor axis does not divide stay replicated: copies would not train as one.
+    spec = ModelSpec(TINY, jnp.float32, make_mesh(mesh_shape), rules, split_heads=False)
     graphdef, state = spec.random_state(0)
     opt = OptimizerConfig(total_steps=30, warmup_steps=3, peak_lr=1e-2).optimizer()
     return Trainer(spec, graphdef, state, opt)
@@ -81,7 +82,7 @@ def test_sharded_training_matches_data_parallel():
 
 @pytest.fixture(scope="module")
 def llm():
-    with jaxllm.LLM.load(warm_up=False, max_slots=2) as llm:
+    with jaxllm.LLM.load(warm_up=False, max_num_seqs=2) as llm:
         yield llm
 
 
@@ -157,3 +158,12 @@ def test_cli_generate_without_model_uses_the_demo_model(capsys):
     out, err = capsys.readouterr()
     assert out.startswith("def fibonacci(n):") and len(out) > len("def fibonacci(n):\n")
     assert demo.DEMO_MODEL_NAME in err
+
+
+def test_training_refuses_heads_copied_over_the_tensor_axis():
+    # TINY's 2 KV heads over tensor=4: serving copies them, training must not.
+    spec = ModelSpec(TINY, jnp.float32, make_mesh({"fsdp": 2, "tensor": 4}), FSDP_TENSOR)
+    assert spec.config.head_layout is not None
+    opt = OptimizerConfig(total_steps=1, warmup_steps=1, peak_lr=1e-2).optimizer()
+    with pytest.raises(ValueError, match="split_heads=False"):
+        Trainer(spec, *spec.random_state(0), opt)

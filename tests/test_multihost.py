@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 import jaxllm
 from jaxllm import orbax_checkpoint
@@ -24,8 +25,12 @@ from serve.client import Client
 from server_process import REPO, ServerProcess, write_model
 
 MESH = "tensor=8"  # every layer's matmuls cross the process boundary
-ENGINE = dict(max_slots=4, max_seq_len=64, max_prompt_len=16)  # 2 prefill shapes, 1 decode
-PROMPTS = ["def f(x):", "hello", "import os", "a = [1, 2", "class A:", "x"]
+# Step shapes: decode rows 1, 2 or 4 by prefill rows 0, 1 or 2, so 9 programs to compile.
+# The pool's size is given (32 pages: 4 sequences of 64 tokens): sized by itself, the engine
+# asks the mesh's first device for its memory, which process 1 cannot address.
+ENGINE = dict(max_num_seqs=4, max_seq_len=64, max_step_tokens=32, chunk=16, kv_cache_bytes=1 << 20)
+# The last prompt takes 3 chunks of prefill, next to other prompts' chunks and decodes.
+PROMPTS = ["def f(x):", "hello", "import os", "a = [1, 2", "class A:", "x", "y = 1\n" * 6]
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +105,24 @@ class LocalCluster:
             self._out.close()
 
 
-SERVE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
-SERVE_ARGS += ["--mesh", MESH, "--port", "0", "--no-metrics", "--peer-timeout-s", "10"]
+def engine_yaml(folder: Path, engine: dict) -> Path:
+    """A ServeConfig YAML holding only engine options (some, like ``chunk``, have no flag)."""
+    path = folder / "engine.yaml"
+    path.write_text(yaml.safe_dump({"engine": engine}))
+    return path
 
 
 @pytest.fixture(scope="module")
-def cluster(checkpoint, tmp_path_factory, compile_cache):
+def serve_args(tmp_path_factory) -> list[str]:
+    config = engine_yaml(tmp_path_factory.mktemp("multihost_config"), ENGINE)
+    args = ["--config", str(config), "--mesh", MESH, "--port", "0", "--no-metrics"]
+    return [*args, "--peer-timeout-s", "10"]
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoint, serve_args, tmp_path_factory, compile_cache):
     """Launched, not yet waited for: it compiles while the reference does."""
-    args = ["--model", str(checkpoint), *SERVE_ARGS]
+    args = ["--model", str(checkpoint), *serve_args]
     logs = tmp_path_factory.mktemp("multihost_logs")
     cluster = LocalCluster(2, args, logs, compile_cache)
     try:
@@ -129,8 +144,9 @@ def test_two_processes_serve_the_same_text_as_one_process(cluster, reference):
     expected = reference.generate(PROMPTS, max_tokens=24, temperature=0)
     expected_sampled = reference.generate(PROMPTS[0], **with_seed)
     with Client(cluster.wait_serving()) as client:
-        # More requests than slots, sent together: admissions, slot reuse and frees all go
-        # through the lockstep channel, and one request samples with a seed.
+        # More requests than max_num_seqs, sent together: admissions, prompt chunks next to
+        # decodes, page reuse and frees all go through the lockstep channel, and one request
+        # samples with a seed.
         with ThreadPoolExecutor(len(PROMPTS) + 1) as pool:
             sampled = pool.submit(client.generate, PROMPTS[0], **with_seed)
             greedy = list(
@@ -161,7 +177,7 @@ def test_stopping_the_launcher_drains_the_leader_and_stops_the_followers(cluster
 
 
 @pytest.fixture
-def slurm_cluster(checkpoint, tmp_path, compile_cache):
+def slurm_cluster(checkpoint, serve_args, tmp_path, compile_cache):
     """The SLURM task script run as srun would (fake SLURM variables, JAX's detection)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,7 +193,7 @@ def slurm_cluster(checkpoint, tmp_path, compile_cache):
             "PYTHONPATH": str(REPO),
             "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         }
-        args = ["--model", str(checkpoint), *SERVE_ARGS, "--host", "127.0.0.1"]
+        args = ["--model", str(checkpoint), *serve_args, "--host", "127.0.0.1"]
         with open(log, "w") as out:
             command = ["bash", str(REPO / "scripts" / "slurm_task.sh"), *args]
             tasks.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
@@ -223,8 +239,9 @@ def _requests_ok(server: ServerProcess) -> float:
 
 
 def test_a_client_spreads_requests_over_two_replicas(checkpoint, tmp_path, compile_cache):
-    args = ["--model", str(checkpoint), "--metrics-port", "0", "--max-seq-len", "32"]
-    args += ["--max-prompt-len", "16", "--max-slots", "1"]
+    engine = dict(max_num_seqs=1, max_seq_len=32, max_step_tokens=16, chunk=16)  # 2 shapes
+    args = ["--model", str(checkpoint), "--metrics-port", "0"]
+    args += ["--config", str(engine_yaml(tmp_path, engine))]
     replicas = []
     try:
         for i in range(2):  # one after the other: the second finds every program compiled

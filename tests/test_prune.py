@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny):
-    with jaxllm.LLM.load(tiny[2], mesh=MESH, warm_up=False, max_slots=2) as llm:
+    with jaxllm.LLM.load(tiny[2], mesh=MESH, warm_up=False, max_num_seqs=2) as llm:
         yield llm
 
 
@@ -198,7 +198,7 @@ def test_pruned_checkpoint_loads_on_an_8_device_mesh_and_generates(
     source = prune.host_params(oc.load_orbax_state(tiny[2], _spec_of(tiny[2]))[1])
     kept = np.asarray(record["kept"]["mlp_channels"])
     monkeypatch.chdir(tmp_path)  # a relative path, as `jaxllm generate --model half` gives
-    with jaxllm.LLM.load(Path("half"), mesh=MESH, warm_up=False, max_slots=2) as small:
+    with jaxllm.LLM.load(Path("half"), mesh=MESH, warm_up=False, max_num_seqs=2) as small:
         assert small.config.intermediate_size == 48
         w_up = small.runner.state["layers"][1]["mlp"]["w_up"].get_value()
         assert len(w_up.sharding.device_set) == 8 and not w_up.sharding.is_fully_replicated
@@ -288,7 +288,7 @@ def test_demo_model_pruned_by_importance_beats_random_channels(capsys):
     lowest costs far less perplexity than removing random ones."""
     files = [f["text"] for f in json.loads(HELDOUT_SAMPLE.read_text())["files"]]
     # One device: this checks the measure, not sharding, and compiles much faster.
-    with jaxllm.LLM.load(mesh=ONE_DEVICE, warm_up=False, max_slots=1) as full:
+    with jaxllm.LLM.load(mesh=ONE_DEVICE, warm_up=False, max_num_seqs=1) as full:
         calib = prune.token_windows(full.tokenizer, files[1::2], 256)
         heldout = prune.token_windows(full.tokenizer, files[::2], 257, stride=256)
         ppl = {"full": prune.perplexity(full, heldout)}

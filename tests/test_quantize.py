@@ -14,6 +14,7 @@ import jaxllm
 from jaxllm import cli, kv_cache, orbax_checkpoint, prune, quantize
 from jaxllm.params import named_params, param_bytes
 from jaxllm.tokenizer import byte_level_tokenizer
+from sharding import DEFAULT_RULES, make_mesh
 
 HELDOUT_SAMPLE = Path(__file__).parent / "data" / "demo_heldout_sample.json"
 MESH = {"data": 2, "tensor": 4}
@@ -43,20 +44,57 @@ def test_int8_linear_equals_the_float_product_of_the_dequantized_weight(rows):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_int8_kv_cache_round_trip_and_size():
+def test_int8_heads_round_trip_within_half_a_step():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 64)).astype(np.float32)
+    x[1, 2] = 0.0  # an all-zero head must not divide by zero
+    q, scale = kv_cache.quantize_heads(jnp.asarray(x))
+    assert q.dtype == jnp.int8 and scale.shape == (5, 3) and scale.dtype == jnp.float32
+    np.testing.assert_allclose(scale, np.abs(x).max(axis=-1) / 127, rtol=1e-6)
+    err = np.abs(np.asarray(q, np.float32) * np.asarray(scale)[..., None] - x)
+    assert (err <= np.asarray(scale)[..., None] / 2 + 1e-7).all()
+    assert not np.asarray(q[1, 2]).any() and float(scale[1, 2]) == 0.0
+
+
+def test_int8_kv_pool_write_round_trip_and_size():
+    """Tokens written to flat slots of a paged int8 pool read back within half a step of
+    their scale; a slot past the pool's end (padding) is dropped; a token takes (H + 4) / 4H
+    of the float32 bytes."""
     rng = np.random.default_rng(1)
-    B, T, K, H, S = 2, 5, 2, 64, 16
-    new = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
-    positions = jnp.asarray([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
-    empty = kv_cache.empty(1, B, S, K, H, "int8")
-    layer = kv_cache.write(empty.layer(0), new, new * 2, positions)
-    assert layer.keys.dtype == jnp.int8 and layer.key_scales.shape == (B, K, S)
-    keys = np.asarray(layer.keys, np.float32) * np.asarray(layer.key_scales)[..., None]
-    got = keys[np.arange(B)[:, None], :, np.asarray(positions)]  # [B, T, K, H]
-    step = np.asarray(layer.key_scales)[np.arange(B)[:, None], :, np.asarray(positions)]
-    assert (np.abs(got - np.asarray(new)) <= step[..., None] / 2 + 1e-7).all()
-    float_cache = kv_cache.empty(1, B, S, K, H, jnp.float32)
-    assert float_cache.nbytes / empty.nbytes >= 3.5  # (H + 4) / 4H of the float32 bytes
+    P, page, K, H = 4, 8, 2, 64
+    pages = kv_cache.LayerPages(
+        jnp.zeros((P, page, K, H), jnp.int8),
+        jnp.zeros((P, page, K, H), jnp.int8),
+        jnp.zeros((P, page, K), jnp.float32),
+        jnp.zeros((P, page, K), jnp.float32),
+    )
+    new = rng.standard_normal((6, K, H)).astype(np.float32)
+    # Two tokens on page 2, three across the end of page 0 and page 3, one padding token.
+    slots = np.array([2 * page + 5, 2 * page + 6, 0 * page + 7, 3 * page, 3 * page + 1, P * page])
+    out = jax.jit(kv_cache.write)(pages, jnp.asarray(new), jnp.asarray(new * 2), slots)
+    for stored, scales, want in [
+        (out.keys, out.key_scales, new),
+        (out.values, out.value_scales, new * 2),
+    ]:
+        assert stored.dtype == jnp.int8 and stored.shape == (P, page, K, H)
+        flat = np.asarray(stored, np.float32).reshape(P * page, K, H)
+        flat_scales = np.asarray(scales).reshape(P * page, K)
+        got = flat[slots[:-1]] * flat_scales[slots[:-1], :, None]
+        step = flat_scales[slots[:-1], :, None]
+        assert (step > 0).all()
+        assert (np.abs(got - want[:-1]) <= step / 2 + 1e-6).all()
+        untouched = np.setdiff1d(np.arange(P * page), slots[:-1])
+        assert not flat[untouched].any() and not flat_scales[untouched].any()
+
+    mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
+    pools = {
+        dtype: kv_cache.KVPool.create(2, P, page, K, H, dtype, mesh, DEFAULT_RULES)
+        for dtype in (jnp.float32, "int8")
+    }
+    for dtype, pool in pools.items():
+        assert pool.quantized == (dtype == "int8")
+        assert pool.nbytes == P * page * kv_cache.bytes_per_token(2, K, H, dtype)
+    assert pools[jnp.float32].nbytes / pools["int8"].nbytes >= 3.5  # 4H / (H + 4) = 3.76
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +242,16 @@ PROMPTS = [
 ]
 
 
+# The same KV pool budget for every model: a float32 pool of 64 pages (16 tokens each) holds
+# 4 sequences of 256 tokens on MESH, whose tensor=4 gives the demo model 4 KV heads.
+KV_CACHE_BYTES = 8 << 20
+
+
 @pytest.fixture(scope="module")
 def demo_models():
-    options = dict(mesh=MESH, max_seq_len=256, max_slots=4, warm_up=False)
+    options = dict(
+        mesh=MESH, max_seq_len=256, max_num_seqs=4, kv_cache_bytes=KV_CACHE_BYTES, warm_up=False
+    )
     models = {
         "f32": jaxllm.LLM.load(**options),
         "int8": jaxllm.LLM.load(quantize="int8", **options),
@@ -226,10 +271,16 @@ def test_demo_int8_weights_quarter_memory_and_perplexity_within_2_percent(demo_m
     assert abs(quantized / base - 1) <= 0.02, (base, quantized)
 
 
-def test_demo_int8_kv_cache_holds_3_5x_slots_and_keeps_greedy_output(demo_models):
+def test_demo_int8_kv_cache_holds_3_5x_tokens_and_keeps_greedy_output(demo_models):
     f32, int8_kv = demo_models["f32"], demo_models["int8_kv"]
-    per_slot = [llm.engine.kv_cache_bytes / llm.engine.config.max_slots for llm in (f32, int8_kv)]
-    assert per_slot[0] / per_slot[1] >= 3.5, per_slot
+    for llm in (f32, int8_kv):
+        assert llm.engine.kv_cache_bytes <= KV_CACHE_BYTES
+    assert f32.engine.num_pages >= 4 * f32.engine.config.max_pages_per_seq
+    # The same bytes hold 3.5x the pages (and tokens) in int8.
+    pages = [llm.engine.num_pages for llm in (f32, int8_kv)]
+    assert pages[1] / pages[0] >= 3.5, pages
+    per_page = [llm.engine.kv_cache_bytes / llm.engine.num_pages for llm in (f32, int8_kv)]
+    assert per_page[0] / per_page[1] >= 3.5, per_page
     want = f32.generate(PROMPTS, max_tokens=32, temperature=0, ignore_eos=True)
     got = int8_kv.generate(PROMPTS, max_tokens=32, temperature=0, ignore_eos=True)
     # Counted as the common prefix: after the first difference nothing is counted as a match.

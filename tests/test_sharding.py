@@ -80,9 +80,7 @@ def run(path, tokens, mesh, rules):
     spec = ModelSpec(ModelConfig.from_hf_dir(path), jnp.float32, mesh, rules)
     runner = ModelRunner(spec, *load_hf_state(path, spec))
     positions = jnp.broadcast_to(jnp.arange(LENGTH), tokens.shape)
-    logits, _ = runner.forward(
-        runner.params, jnp.asarray(tokens), positions, runner.new_cache(BATCH, LENGTH)
-    )
+    logits = runner.forward(runner.params, jnp.asarray(tokens), positions)
     return runner, np.asarray(logits)
 
 
@@ -111,7 +109,8 @@ EXPECTED_BLOCKS = {
         "embed": (64, 64),
         "lm_head": (64, 64),
         "layers.0.attn.wq": (1, 16, 64),
-        "layers.0.attn.wk": (2, 16, 64),
+        # Each of the 2 KV heads is copied 4 times (jaxllm.head_layout): one per device.
+        "layers.0.attn.wk": (1, 16, 64),
         "layers.0.attn.wo": (64, 1, 16),
         "layers.0.mlp.w_up": (16, 64),
         "layers.0.mlp.w_down": (64, 16),
@@ -138,8 +137,9 @@ EXPECTED_BLOCKS = {
     ("fsdp_tensor", "data=2,tensor=4"): {
         "embed": (128, 64),
         "layers.0.attn.wq": (2, 16, 64),
-        # 2 KV heads do not divide over tensor=4: replicated.
-        "layers.0.attn.wk": (2, 16, 64),
+        # 2 KV heads do not divide over tensor=4: each is copied twice (jaxllm.head_layout),
+        # so every device holds one KV head and the 2 query heads that read it.
+        "layers.0.attn.wk": (1, 16, 64),
         "layers.0.mlp.w_gate": (32, 64),
     },
     ("data_parallel", "data=8"): {
