@@ -56,23 +56,28 @@ def decode_seconds(llm, tokens: int) -> float:
 
 
 def step_seconds(llm, calls: int, state: dict) -> list[float]:
-    """Wall time of each of ``calls`` batch-1 decode steps of the model alone (the jitted
-    forward of one token at position 100 over a 256-position cache; no sampling, no engine).
-    ``state`` carries the donated cache between calls."""
-    runner = llm.runner
-    if "cache" not in state:
-        state["cache"] = runner.new_cache(1, 256)
-        state["inputs"] = (
-            np.array([[7]], np.int32),
-            np.array([[100]], np.int32),
-            np.array([0], np.int32),
+    """Wall time of each of ``calls`` batch-1 decode steps of the model alone (the engine's
+    jitted step for one decode row at position 100 over its own pages; no sampler, no
+    engine loop). ``state`` carries the donated pool between calls."""
+    from jaxllm import step
+
+    engine = llm.engine
+    if "inputs" not in state:
+        inp = step.padding_only((1, 0), engine.config, engine.num_pages)
+        pages = np.arange(engine.config.max_pages_per_seq, dtype=np.int32)[None]
+        state["inputs"] = inp._replace(
+            tokens=np.array([7], np.int32),
+            positions=np.array([100], np.int32),
+            decode_pages=pages % engine.num_pages,
+            decode_kv_len=np.array([101], np.int32),
+            sampling=None,
+            sample_step=None,
         )
-    tokens, positions, last = state["inputs"]
     out = []
     for _ in range(calls):
         start = time.perf_counter()
-        logits, state["cache"] = runner.forward_at(
-            runner.params, tokens, positions, state["cache"], last, attend_len=256
+        logits, engine.pool = engine._step._model(
+            engine.runner.params, engine.pool, state["inputs"]
         )
         logits.block_until_ready()
         out.append(time.perf_counter() - start)
