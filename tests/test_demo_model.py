@@ -164,6 +164,6 @@ def test_training_refuses_heads_copied_over_the_tensor_axis():
     # TINY's 2 KV heads over tensor=4: serving copies them, training must not.
     spec = ModelSpec(TINY, jnp.float32, make_mesh({"fsdp": 2, "tensor": 4}), FSDP_TENSOR)
     assert spec.config.head_layout is not None
-    opt = OptimizerConfig(total_steps=1, warmup_steps=1, peak_lr=1e-2).optimizer()
+    opt = OptimizerConfig(total_steps=4, warmup_steps=1, peak_lr=1e-2).optimizer()
     with pytest.raises(ValueError, match="split_heads=False"):
         Trainer(spec, *spec.random_state(0), opt)

@@ -186,7 +186,10 @@ def test_no_compilation_after_warm_up(engine):
     # The module's engine was warmed up at start; its small pool makes the workload
     # preempted as well as chunked, prefix-hit and cancelled.
     before, stats_before = CompileCounter.count, engine.stats()
+    # Four long requests at once need more than the 320-token pool: preemption is certain.
+    long = [engine.submit(ids, greedy(120)) for ids in prompts(4, 13, longest=2)]
     outputs = run_mixed(engine, 500, seed=9, cancel_fraction=0.1)
+    assert all(len(r.wait(300).token_ids) == 120 for r in long)
     assert CompileCounter.count == before, f"{CompileCounter.count - before} compiles"
     stats = engine.stats()
     assert stats["preemptions"] > stats_before["preemptions"], stats
