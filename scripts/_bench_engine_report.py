@@ -218,7 +218,7 @@ def print_report(results: dict, args) -> None:
                 f"{e['stats_delta'].get('preemptions', '?'):>7} "
                 f"{_busy(e['noise_per_round']) + ' | ' + str(hb['noise']['other_cpu_cores']):>14}"
             )
-        print(f"  (1-by-1: {row['hf_sequential']['method']} where not measured)")
+        print(f"  (1-by-1: the fastest of {len(m['hf_sequential']['request_s'])} timed requests)")
 
     lat = results["latency"]
     inter, prefix = lat["interference"], lat["prefix_cache"]

@@ -17,10 +17,11 @@ library's defaults, as a user calls it; tuned settings follow, labelled as such.
    submitted at once through ``llm.engine.submit``, greedy, ``ignore_eos``), with TTFT and
    TPOT percentiles, taking turns with transformers' batched ``generate`` of the same prompts
    (best of each kept), and against transformers one request at a time (a few requests
-   timed, longer queues extrapolated; the JSON says which). On the 24-layer model also
-   ``max_num_seqs=1`` taking turns with the defaults: the step time ratio says what the
-   default capacity costs a lone request (target within 15%). Tuned: ``--tuned`` options
-   (default ``max_num_seqs=128``) at ``--tuned-levels`` on ``--tuned-models``.
+   timed, taking turns with the engine's batch-1 rounds; c requests take c x the fastest).
+   On the 24-layer model also ``max_num_seqs=1`` taking turns with the defaults: the step
+   time ratio says what the default capacity costs a lone request (target within 15%).
+   Tuned: ``--tuned`` options (default ``max_num_seqs=128``) at ``--tuned-levels`` on
+   ``--tuned-models``.
 4. A child process (no torch in it, so its peak RSS is the engine's), the 8-layer model with
    ``LLM.load(path, max_seq_len=4096)``: long-prompt interference (16 streams decoding, then
    a ~2,000-token prompt arrives; every stream's gaps between token updates, from steady
