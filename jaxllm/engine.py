@@ -129,7 +129,6 @@ class Engine:
         self.failure: BaseException | None = None
         self.mirror: Mirror | None = None  # set on the leader of a multi-host server
         self.steps = 0
-        self.step_shapes: collections.Counter[tuple[int, int]] = collections.Counter()
         CompileCounter.install()
         log.info(
             "KV pool: %d pages of %d tokens (%.1f MiB, %s), %d step shapes",
@@ -287,7 +286,6 @@ class Engine:
         if self.mirror is not None:
             self.mirror.step(inp)
         tokens, self.pool = self._step(self.runner.params, self.pool, inp)
-        self.step_shapes[inp.shape] += 1
         return tokens
 
     # -- host loops -------------------------------------------------------------------------

@@ -191,7 +191,7 @@ class LLMServicer(pb_grpc.LLMServicer):
             slots_in_use=stats["running"],
             queue_depth=stats["waiting"],
             in_flight=self.admission.in_flight,
-            kv_cache_usage=stats["pages_used"] / stats["pages_total"],
+            kv_cache_usage=self.engine.kv_cache_usage,
             draining=self.admission.draining,
             kv_pages_used=stats["pages_used"],
             kv_pages_cached=stats["pages_cached"],
