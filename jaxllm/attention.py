@@ -4,9 +4,11 @@ Two functions, both pure JAX (a TPU/GPU kernel, e.g. Pallas ragged paged attenti
 ``paged``'s place behind the same signature):
 
 - ``paged``: rows of queries (a decoding sequence's one token, or a chunk of a prompt) read
-  their own sequence's pages of the pool, and only those. The row's pages are visited in
-  blocks of ``block_pages`` pages by a loop whose trip count is a traced value (the longest
-  row's blocks), so the compiled program does not depend on sequence lengths, and softmax is
+  their own sequence's pages of the pool, and only those. Rows are taken in groups of a
+  few; a group's pages are visited in blocks of ``block_pages`` pages by a loop whose trip
+  count is a traced value (the blocks its longest row needs), so the compiled program does
+  not depend on sequence lengths, a short row grouped apart from a long one (the engine
+  orders decode rows by length) reads no more than its own length, and softmax is
   computed online (running max and sum). A block a row does not need is fully masked and
   leaves its running values bit-for-bit unchanged, so a row's result does not depend on
   what else is in the step.
@@ -39,7 +41,9 @@ class RowGroup(NamedTuple):
     page_table: Int[Array, "R Pmax"]  # the row's pages, in position order (padding: 0)
     kv_len: Int[Array, " R"]  # keys at positions below this are the sequence's
     positions: Int[Array, "R C"]  # each query's position (causal mask)
-    num_blocks: Int[Array, ""]  # blocks of pages the longest row needs (loop trip count)
+    # Blocks of pages the longest row of each group needs (its loop's trip count; 0 for a
+    # group of padding rows). Groups are R // Gr consecutive rows.
+    group_blocks: Int[Array, " Gr"]
 
 
 class PagedBatch(NamedTuple):
@@ -60,6 +64,32 @@ def paged(
 ) -> Float[Array, "R C N H"]:
     """Each row's queries attend to its sequence's keys at positions ``<=`` their own (and
     ``< kv_len``), within ``window`` positions when given."""
+    R = q.shape[0]
+    groups = rows.group_blocks.shape[0]
+    if groups == 0:
+        return q
+    size = R // groups
+
+    def group(j, out):
+        def rows_of(x):
+            return jax.lax.dynamic_slice_in_dim(x, j * size, size, 0)
+
+        sub = RowGroup(*(rows_of(x) for x in rows[:3]), rows.group_blocks[j])
+        attended = _attend(rows_of(q), sub, pages, window, block_pages)
+        return jax.lax.dynamic_update_slice_in_dim(out, attended, j * size, 0)
+
+    if groups == 1:
+        return group(0, q)
+    return jax.lax.fori_loop(0, groups, group, jnp.zeros_like(q))
+
+
+def _attend(
+    q: Float[Array, "R C N H"],
+    rows: RowGroup,  # one group: group_blocks is a scalar
+    pages: LayerPages,
+    window: int | None,
+    block_pages: int,
+) -> Float[Array, "R C N H"]:
     R, C, N, H = q.shape
     page_size, K = pages.keys.shape[1], pages.keys.shape[2]
     G = N // K
@@ -100,8 +130,9 @@ def paged(
         jnp.zeros((R, K, G, C), jnp.float32),
         jnp.zeros((R, K, G, C, H), jnp.float32),
     )
-    _, total, acc = jax.lax.fori_loop(0, rows.num_blocks, block, init)
-    out = acc / total[..., None]  # [R, K, G, C, H]
+    _, total, acc = jax.lax.fori_loop(0, rows.group_blocks, block, init)
+    # A real row always sees one key (total >= 1); a padding group ran no block (total 0).
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [R, K, G, C, H]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(R, C, N, H).astype(q.dtype)
 
 

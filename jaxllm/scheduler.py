@@ -64,6 +64,7 @@ class Chunk:
 
 @dataclasses.dataclass
 class StepPlan:
+    # Longest first, so the step's attention groups rows of similar length (jaxllm.step).
     decodes: list[Sequence] = dataclasses.field(default_factory=list)
     prefills: list[Chunk] = dataclasses.field(default_factory=list)
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
@@ -129,6 +130,7 @@ class Scheduler:
             and self._admit(self.waiting[0], plan)
         ):
             self.waiting.popleft()
+        plan.decodes.sort(key=lambda s: -s.computed)  # stable: ties keep admission order
         return plan
 
     def update(

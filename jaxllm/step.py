@@ -11,6 +11,7 @@ and nothing else about a step (sequence lengths, pages) changes its shape.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,6 +29,14 @@ from jaxllm.sampling import SamplingArrays, SamplingParams, sample
 from jaxllm.scheduler import StepPlan
 
 _GREEDY = SamplingParams(temperature=0.0)
+# Decode rows that share one attention loop. Rows are independent, so a group is only a
+# trade: fewer (small) loops against short rows looping as long as the group's longest.
+# Prefill rows (a chunk of queries each) loop alone.
+DECODE_GROUP = 8
+
+
+def decode_group(rows: int) -> int:
+    return math.gcd(rows, DECODE_GROUP)
 
 
 class StepInput(NamedTuple):
@@ -38,10 +47,10 @@ class StepInput(NamedTuple):
     slots: np.ndarray  # [T] flat pool slot (page * page_size + offset); padding: past the end
     decode_pages: np.ndarray  # [Sd, Pmax]
     decode_kv_len: np.ndarray  # [Sd]
-    decode_blocks: np.ndarray  # [] attention blocks the longest decode row needs
+    decode_blocks: np.ndarray  # [Sd // g] attention blocks of each group of g decode rows
     prefill_pages: np.ndarray  # [Sp, Pmax]
     prefill_kv_len: np.ndarray  # [Sp]
-    prefill_blocks: np.ndarray  # []
+    prefill_blocks: np.ndarray  # [Sp] attention blocks of each prefill row
     logit_index: np.ndarray  # [R] the token whose hidden state each row samples from
     sample_step: np.ndarray  # [Rs] index of the token being generated (seeds the draw)
     sampling: SamplingArrays  # [Rs]: R rows padded to a sampler bucket
@@ -96,10 +105,13 @@ def build(
         place(Sd + i, chunk.seq, chunk.start, chunk.length, first)
         positions[first + chunk.length : first + C] = chunk.start + chunk.length - 1
 
-    def blocks(lengths: np.ndarray) -> np.ndarray:  # a 0-d array
-        # At least one block: padding rows then read a real key and stay finite.
-        needed = -(-int(lengths.max(initial=0)) // config.attention_block)
-        return np.array(max(1, needed), np.int32)
+    # Attention blocks each group of rows loops over: its longest real row's (padding: 0).
+    # The scheduler lists decodes longest first, so a group's rows have similar lengths.
+    needed = -(-kv_len // config.attention_block)
+    needed[len(plan.decodes) : Sd] = 0
+    needed[Sd + len(plan.prefills) :] = 0
+    size = decode_group(Sd)
+    decode_blocks = needed[:Sd].reshape(Sd // size, size).max(axis=1, initial=0)
 
     return StepInput(
         tokens=tokens,
@@ -107,10 +119,10 @@ def build(
         slots=slots,
         decode_pages=pages[:Sd],
         decode_kv_len=kv_len[:Sd],
-        decode_blocks=blocks(kv_len[: len(plan.decodes)]),
+        decode_blocks=decode_blocks.astype(np.int32),
         prefill_pages=pages[Sd:],
         prefill_kv_len=kv_len[Sd:],
-        prefill_blocks=blocks(kv_len[Sd : Sd + len(plan.prefills)]),
+        prefill_blocks=needed[Sd:],
         logit_index=logit_index,
         sample_step=sample_step,
         sampling=SamplingArrays.from_params(params, seeds),

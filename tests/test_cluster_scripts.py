@@ -309,7 +309,7 @@ def test_the_follower_replays_exactly_what_the_leader_sends():
         step.build(plan, config, num_pages),
         step.padding_only((4, 0), config, num_pages),  # no prefill rows: [0, Pmax] arrays
     ]
-    assert steps[0].decode_blocks.shape == () and steps[1].prefill_pages.shape[0] == 0
+    assert steps[0].decode_blocks.shape == (1,) and steps[1].prefill_pages.shape[0] == 0
     leader = lockstep.Leader("127.0.0.1", 1, timeout_s=5.0)
     recorder, calls = Recorder(), []
     follower = threading.Thread(
