@@ -9,6 +9,7 @@ from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.engine_config import EngineConfig
 from jaxllm.hf_checkpoint import CheckpointError
 from jaxllm.llm import LLM, Completion
+from jaxllm.request_output import TokenLogprob
 from jaxllm.sampling import SamplingParams
 from jaxllm.tokenizer import Tokenizer
 
@@ -20,5 +21,6 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "SamplingParams",
+    "TokenLogprob",
     "Tokenizer",
 ]

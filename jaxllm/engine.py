@@ -8,6 +8,13 @@ One request's way through:
   finish, release pages, register full pages for prefix caching) -> detokenizer thread:
   ``Request._push`` applies stop strings and streams text.
 
+Logprobs travel with their tokens: the sampler computes them in the step's call when a row
+asked (``jaxllm.sampling.sample_with_logprobs``), the engine thread copies them to the host
+only then, and the detokenizer thread builds each ``TokenLogprob`` before it pushes the
+token. Prompt logprobs come from a dense scoring pass (``jaxllm.scoring``) run on the engine
+thread before the request is scheduled. ``submit_many`` (n > 1) holds choices 1..n-1 back
+until choice 0 has computed its prompt, so they start from its cached pages.
+
 A request's state changes only on the engine thread; ``Request.cancel`` from any thread just
 marks it, and the next step frees its pages. If the engine thread dies, every queued and
 running request fails at once with the error and ``failure`` is set (the server's health
@@ -28,17 +35,17 @@ from typing import Protocol
 
 import jax
 import numpy as np
-from jaxtyping import Array, Int
 
 from jaxllm import kv_cache, step
 from jaxllm.engine_config import ACCELERATOR_KV_FRACTION, CPU_DEFAULT_KV_BYTES, EngineConfig
 from jaxllm.kv_pages import KVPages
 from jaxllm.request import Request
-from jaxllm.request_output import RequestOutput
+from jaxllm.request_output import RequestOutput, TokenLogprob
 from jaxllm.runtime import ModelRunner
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import Sampled, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.scheduler import Sequence as SchedSequence
+from jaxllm.scoring import PromptScorer
 from jaxllm.tokenizer import Tokenizer
 
 __all__ = ["Engine", "EngineConfig"]
@@ -106,9 +113,25 @@ def pool_pages(runner: ModelRunner, config: EngineConfig) -> int:
     return int(pages)
 
 
+# What the engine thread hands the detokenizer per new token: the request, the token, and
+# (when the request asked for logprobs) the sampler's row: its logprob, top ids, top logprobs.
+_Handoff = tuple[Request, int, tuple[float, np.ndarray, np.ndarray] | None]
+
+
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        *,
+        warm_up_prompt_logprobs: bool = False,
+    ):
+        """``warm_up_prompt_logprobs`` makes warm-up also compile the prompt-scoring
+        buckets (``jaxllm.scoring``); without it the first prompt_logprobs request of each
+        length bucket compiles on the engine thread."""
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
+        self.warm_up_prompt_logprobs = warm_up_prompt_logprobs
         self.num_pages = pool_pages(runner, config)
         self.pool = runner.new_pool(self.num_pages, config.page_size, config.kv_cache_dtype)
         self.pages = KVPages(self.num_pages, config.page_size, config.prefix_caching)
@@ -120,9 +143,15 @@ class Engine:
             max_prefill_rows=config.max_prefill_rows,
         )
         self._step = step.StepFunction(runner, config, self.pool)
+        self._scorer = PromptScorer(runner, config.max_seq_len, config.kv_cache_dtype)
         self._inbox: collections.deque[SchedSequence] = collections.deque()
+        # Requests waiting for their prompt logprobs (scored on the engine thread, then
+        # queued), and choices 1..n-1 of an n > 1 request, held until choice 0 (the first in
+        # each pair) has computed the prompt.
+        self._to_score: collections.deque[SchedSequence] = collections.deque()
+        self._held: list[tuple[SchedSequence, list[SchedSequence]]] = []
         self._wake = threading.Condition()
-        self._handoff: queue.SimpleQueue[list[tuple[Request, int]] | None] = queue.SimpleQueue()
+        self._handoff: queue.SimpleQueue[list[_Handoff] | None] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -170,16 +199,75 @@ class Engine:
     ) -> Request:
         """Queues a request; raises ValueError at once for input that cannot be served.
         ``on_update`` is called (from an engine thread) after each new token and at the end."""
+        prompt_ids = self._accept(prompt_ids, params)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = self._sequence(prompt_ids, params, seed, request_id, on_update)
+        with self._wake:
+            self._enqueue(seq)
+            self._wake.notify_all()
+        return seq.payload
+
+    def submit_many(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        n: int,
+        request_id: str | None = None,
+        on_update: Callable[[], None] | None = None,
+    ) -> list[Request]:
+        """``n`` independent completions of one prompt (OpenAI's ``n``), as requests
+        ``f"{request_id}-{i}"``. With ``params.seed``, choice i is seeded ``seed + i``, so each
+        is reproducible whatever else runs (choice 0 equals ``submit`` with that seed).
+        Choices 1..n-1 are admitted once choice 0 has computed its prompt, so that with prefix
+        caching they reuse its full pages and recompute at most the last partial one.
+        Cancelling one choice leaves the others running; ``on_update`` is called for each."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        prompt_ids = self._accept(prompt_ids, params)
+        base = request_id or f"req-{next(self._ids)}"
+        seqs = [
+            self._sequence(
+                prompt_ids,
+                params,
+                params.seed + i if params.seed is not None else secrets.randbits(63),
+                f"{base}-{i}",
+                on_update,
+            )
+            for i in range(n)
+        ]
+        with self._wake:
+            self._enqueue(seqs[0])
+            if self.config.prefix_caching and n > 1:
+                self._held.append((seqs[0], seqs[1:]))
+            else:
+                for seq in seqs[1:]:
+                    self._enqueue(seq)
+            self._wake.notify_all()
+        return [seq.payload for seq in seqs]
+
+    def _accept(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         prompt_ids = self.check(prompt_ids, params)
         if self.failure is not None:
             raise RuntimeError(f"engine failed: {self.failure}")
         if self._stopping:
             raise RuntimeError("engine is stopped")
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        if params.prompt_logprobs is not None and self.mirror is not None:
+            # The scoring pass is not replayed by the other processes of a multi-host mesh.
+            raise ValueError("prompt_logprobs are not supported on a multi-host mesh")
+        return prompt_ids
+
+    def _sequence(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        request_id: str | None,
+        on_update: Callable[[], None] | None,
+    ) -> SchedSequence:
         output = RequestOutput(self.tokenizer, params, prompt_ids)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, output, seed, on_update)
-        seq = SchedSequence(
+        return SchedSequence(
             id=request_id,
             tokens=list(prompt_ids),
             num_prompt=len(prompt_ids),
@@ -188,10 +276,11 @@ class Engine:
             done=lambda: request.done,
             payload=request,
         )
-        with self._wake:
-            self._inbox.append(seq)
-            self._wake.notify_all()
-        return request
+
+    def _enqueue(self, seq: SchedSequence) -> None:
+        """Into the inbox, or first to the scorer if it wants prompt logprobs (hold _wake)."""
+        wants_scores = seq.payload.output.params.prompt_logprobs is not None
+        (self._to_score if wants_scores else self._inbox).append(seq)
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         ids = [int(t) for t in prompt_ids]
@@ -218,7 +307,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self.scheduler.waiting) + len(self._inbox)
+        held = sum(len(followers) for _, followers in self._held)
+        return len(self.scheduler.waiting) + len(self._inbox) + len(self._to_score) + held
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -254,7 +344,7 @@ class Engine:
         """Blocks until no request is queued or running (finished ones are freed)."""
         deadline = time.monotonic() + timeout
         with self._wake:
-            while self._inbox or not self.scheduler.idle:
+            while self._inbox or self._to_score or self._held or not self.scheduler.idle:
                 if self.failure is not None:
                     raise RuntimeError(f"engine failed: {self.failure}")
                 if time.monotonic() > deadline:
@@ -263,11 +353,13 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compiles every step shape by running it once with padding only (nothing is
-        written to the pool)."""
+        written to the pool), and the prompt-scoring buckets if asked."""
         start, compiles = time.perf_counter(), CompileCounter.count
         for shape in self.config.step_shapes:
-            tokens = self.run_step(step.padding_only(shape, self.config, self.num_pages))
-        np.asarray(tokens)
+            sampled = self.run_step(step.padding_only(shape, self.config, self.num_pages))
+        np.asarray(sampled.tokens)
+        if self.warm_up_prompt_logprobs:
+            self._scorer.warm_up()
         log.info(
             "warm-up: %d step shapes, %d compiles, %.1f s",
             len(self.config.step_shapes),
@@ -282,11 +374,11 @@ class Engine:
 
     # -- the device call: the engine thread makes it; a multi-host follower replays it -----
 
-    def run_step(self, inp: step.StepInput) -> Int[Array, " R"]:
+    def run_step(self, inp: step.StepInput) -> Sampled:
         if self.mirror is not None:
             self.mirror.step(inp)
-        tokens, self.pool = self._step(self.runner.params, self.pool, inp)
-        return tokens
+        sampled, self.pool = self._step(self.runner.params, self.pool, inp)
+        return sampled
 
     # -- host loops -------------------------------------------------------------------------
 
@@ -301,34 +393,100 @@ class Engine:
             self._handoff.put(None)
 
     def _next_step(self) -> bool:
-        """Schedules and runs one step; False once the engine is stopping."""
+        """Scores waiting prompts, or schedules and runs one step; False once the engine is
+        stopping."""
+        self._score_prompts()
         with self._wake:
             while True:
+                self._release_held()
                 while self._inbox:
                     self.scheduler.add(self._inbox.popleft())
                 if self._stopping:
                     return False
+                if self._to_score:
+                    return True  # score them first (outside the lock)
                 plan = self.scheduler.schedule()
                 if not plan.empty:
                     break
                 self._wake.notify_all()  # wait_idle callers: the scheduler may be idle now
                 self._wake.wait(0.05)
         inp = step.build(plan, self.config, self.num_pages)
-        sampled = np.asarray(self.run_step(inp)).tolist()
+        out = self.run_step(inp)
+        sampled = np.asarray(out.tokens).tolist()
+        # Logprobs cross to the host only when some row asked for them.
+        rows = None
+        if inp.sampling.logprobs.any():
+            rows = np.asarray(out.logprob), np.asarray(out.top_ids), np.asarray(out.top_logprobs)
         with self._wake:
             if self.failure is not None:  # aborted meanwhile: its requests already failed
                 return False
             Sd, decodes, prefills = inp.shape[0], len(plan.decodes), len(plan.prefills)
+            row_of = {seq: i for i, seq in enumerate(plan.decodes)}
+            row_of.update({c.seq: Sd + i for i, c in enumerate(plan.prefills)})
             new = self.scheduler.update(plan, sampled[:decodes], sampled[Sd : Sd + prefills])
         self.steps += 1
-        self._handoff.put([(seq.payload, token) for seq, token in new])
+        handoff = []
+        for seq, token in new:
+            request, extra = seq.payload, None
+            if rows is not None and request.output.params.logprobs is not None:
+                row = row_of[seq]
+                extra = (float(rows[0][row]), rows[1][row], rows[2][row])
+            handoff.append((request, token, extra))
+        self._handoff.put(handoff)
         return True
+
+    def _score_prompts(self) -> None:
+        """Fills the prompt logprobs of requests that asked, then queues them (engine thread)."""
+        while True:
+            with self._wake:
+                if not self._to_score or self._stopping:
+                    return
+                seq = self._to_score.popleft()
+            request = seq.payload
+            if not request.done:
+                k = request.output.params.prompt_logprobs
+                try:
+                    request.output.prompt_logprobs = self._scorer(request.prompt_ids, k)
+                except BaseException as e:  # in no queue now: _fail would not reach it
+                    request._finish("error", e)
+                    raise
+            with self._wake:
+                self._inbox.append(seq)
+
+    def _release_held(self) -> None:
+        """Queues the held choices of an n > 1 request once its first choice has computed
+        its prompt (it has a token) or ended (hold _wake)."""
+        if not self._held:
+            return
+        keep = []
+        for leader, followers in self._held:
+            if leader.num_generated == 0 and not leader.finished and not leader.done():
+                keep.append((leader, followers))
+                continue
+            scores = leader.payload.output.prompt_logprobs
+            for seq in followers:
+                output = seq.payload.output
+                if output.params.prompt_logprobs is not None and len(scores) == seq.num_prompt:
+                    output.prompt_logprobs = list(scores)  # the same prompt: scored once
+                    self._inbox.append(seq)
+                else:
+                    self._enqueue(seq)
+        self._held = keep
 
     def _detokenize_loop(self) -> None:
         while (batch := self._handoff.get()) is not None:
-            for request, token in batch:
-                if not request.done:
-                    request._push(token)
+            for request, token, extra in batch:
+                if request.done:
+                    continue
+                try:
+                    logprob = None
+                    if extra is not None:
+                        k = request.output.params.logprobs
+                        logprob = TokenLogprob.from_row(token, *extra, k)
+                    request._push(token, logprob)
+                except Exception as e:  # a bug of ours: fail this request, never hang them all
+                    log.exception("detokenizing request %s failed", request.id)
+                    request._finish("error", e)
             with self._wake:
                 self._wake.notify_all()
 
@@ -337,10 +495,12 @@ class Engine:
         if record:
             self.failure = error
         with self._wake:
-            pending = [s.payload for s in self._inbox] + [
-                s.payload for s in self.scheduler.abort_all()
-            ]
+            held = [s for _, followers in self._held for s in followers]
+            queued = [*self._inbox, *self._to_score, *held, *self.scheduler.abort_all()]
+            pending = [s.payload for s in queued]
             self._inbox.clear()
+            self._to_score.clear()
+            self._held.clear()
             self._wake.notify_all()
         for request in pending:
             request._finish("error", error)

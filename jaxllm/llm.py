@@ -1,4 +1,4 @@
-"""The notebook API: ``LLM.load`` a model, then ``generate``, ``stream``, ``logits``.
+"""The notebook API: ``LLM.load`` a model, then ``generate``, ``chat``, ``stream``, ``logits``.
 
 Every generation goes through the continuous-batching engine (``jaxllm.engine``), the same
 one the server uses; ``logits`` runs a plain forward pass.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -18,11 +18,13 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxllm import demo, orbax_checkpoint, padding
+from jaxllm.chat import chat_prompt_ids
 from jaxllm.config import ModelConfig
 from jaxllm.engine import Engine
 from jaxllm.engine_config import EngineConfig
 from jaxllm.hf_checkpoint import load_hf_state
 from jaxllm.params import ModelSpec
+from jaxllm.request_output import RequestOutput, TokenLogprob
 from jaxllm.runtime import ModelRunner
 from jaxllm.sampling import SamplingParams
 from jaxllm.tokenizer import Tokenizer
@@ -39,6 +41,24 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop token or stop string) or "length" (max_tokens)
     prompt_token_ids: list[int]
+    # With logprobs=k: one per token id, in the distribution it was sampled from.
+    logprobs: list[TokenLogprob] | None = None
+    # With prompt_logprobs=k: one per prompt id (the first is None), the model's own.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @classmethod
+    def of(cls, output: RequestOutput, prompt_ids: list[int]) -> Completion:
+        params = output.params
+        return cls(
+            output.text,
+            output.token_ids,
+            output.finish_reason,
+            prompt_ids,
+            logprobs=list(output.logprobs) if params.logprobs is not None else None,
+            prompt_logprobs=(
+                list(output.prompt_logprobs) if params.prompt_logprobs is not None else None
+            ),
+        )
 
 
 def default_dtype():
@@ -64,6 +84,7 @@ class LLM:
         quantize: str | None = None,
         warm_up: bool = True,
         start: bool = True,
+        warm_up_prompt_logprobs: bool = False,
         **engine_options,
     ) -> LLM:
         """Loads a model sharded over ``mesh`` by ``rules`` and starts its engine.
@@ -82,7 +103,11 @@ class LLM:
         ``quantize="int8"`` stores every weight in int8 with per-output-channel scales
         (``jaxllm.quantize``), quantizing a float checkpoint one weight at a time as it is
         read; a checkpoint saved quantized (``jaxllm convert --quantize int8``) loads
-        quantized whatever this says."""
+        quantized whatever this says.
+
+        ``warm_up_prompt_logprobs=True`` also compiles the prompt-scoring pass for every
+        prompt-length bucket at warm-up (``jaxllm.scoring``), so ``prompt_logprobs``
+        requests never compile while serving; otherwise the first one of each bucket does."""
         if mesh is None and jax.default_backend() == "cpu":
             mesh = make_mesh({"tensor": 1}, devices=jax.local_devices()[:1])
         mesh = make_mesh(mesh)
@@ -123,7 +148,12 @@ class LLM:
                 f"max_seq_len {engine_config.max_seq_len} exceeds the model's "
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
-        engine = Engine(ModelRunner(spec, graphdef, state), tokenizer, engine_config)
+        engine = Engine(
+            ModelRunner(spec, graphdef, state),
+            tokenizer,
+            engine_config,
+            warm_up_prompt_logprobs=warm_up_prompt_logprobs,
+        )
         if start:
             engine.start(warm_up=warm_up)
         elif warm_up:
@@ -155,31 +185,61 @@ class LLM:
     # -- generation ---------------------------------------------------------------------
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], **sampling
-    ) -> Completion | list[Completion]:
+        self, prompts: Prompt | Sequence[Prompt], *, n: int = 1, **sampling
+    ) -> Completion | list[Completion] | list[list[Completion]]:
         """Completes one prompt (text or token ids) or a list of them. A list goes through
         the continuous-batching engine together; every prompt is checked before any runs.
 
         Keyword arguments are ``SamplingParams`` fields: ``max_tokens``, ``temperature``
         (0 = greedy), ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``stop_token_ids``,
-        ``ignore_eos``.
+        ``ignore_eos``, ``logprobs`` and ``prompt_logprobs`` (k in 0..20: fill
+        ``Completion.logprobs`` / ``.prompt_logprobs`` with each token's logprob and the k
+        most likely alternatives).
+
+        ``n > 1`` samples n completions of each prompt, sharing its computation (and with a
+        ``seed``, choice i uses ``seed + i``): a list of n completions for one prompt, a list
+        of such lists for a list of prompts.
         """
         params = SamplingParams(**sampling)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
         single = _is_single(prompts)
         all_ids = [self._prompt_ids(p) for p in ([prompts] if single else prompts)]
         for ids in all_ids:
             self.engine.check(ids, params)
-        requests = [self.engine.submit(ids, params) for ids in all_ids]
+        groups = []
         try:
-            outs = [r.wait() for r in requests]
+            for ids in all_ids:
+                groups.append(
+                    self.engine.submit_many(ids, params, n)
+                    if n > 1
+                    else [self.engine.submit(ids, params)]
+                )
+            outs = [[r.wait() for r in group] for group in groups]
         finally:
-            for r in requests:
-                r.cancel()  # no-op for finished ones; frees slots on KeyboardInterrupt
+            for group in groups:
+                for r in group:
+                    r.cancel()  # no-op for finished ones; frees slots on KeyboardInterrupt
         done = [
-            Completion(o.text, o.token_ids, o.finish_reason, ids)
-            for o, ids in zip(outs, all_ids, strict=True)
+            [Completion.of(o, ids) for o in group] for group, ids in zip(outs, all_ids, strict=True)
         ]
+        if n == 1:
+            done = [group[0] for group in done]
         return done[0] if single else done
+
+    def chat(
+        self, messages: Sequence, *, n: int = 1, **sampling
+    ) -> Completion | list[Completion] | list[list[Completion]]:
+        """The assistant's reply to one conversation (a list of ``{"role": "system" |
+        "user" | "assistant", "content": str}``) or to each of a list of them, rendered with
+        the model's chat template (``jaxllm.chat.chat_prompt_ids``, as the servers do).
+        Returns what ``generate`` returns for the rendered prompts; same keywords."""
+        if isinstance(messages, str | Mapping):
+            raise ValueError("messages must be a list of {'role', 'content'} objects")
+        single = not messages or isinstance(messages[0], Mapping)
+        conversations = [messages] if single else list(messages)
+        all_ids = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
+        return self.generate(all_ids[0] if single else all_ids, n=n, **sampling)
 
     def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:
         """Yields text pieces as they are decoded (never half a UTF-8 character). Closing

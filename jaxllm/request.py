@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from jaxllm.request_output import RequestOutput
+from jaxllm.request_output import RequestOutput, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ class Request:
 
     # -- called by the engine's threads -------------------------------------------------
 
-    def _push(self, token: int) -> None:
+    def _push(self, token: int, logprob: TokenLogprob | None = None) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        piece = self.output.add(token)
+        piece = self.output.add(token, logprob)
         if piece:
             self._pieces.put(piece)
         if self.output.finished:

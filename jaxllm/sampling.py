@@ -1,6 +1,7 @@
 """Next-token sampling on device, with its own parameters for every row (slot) of the batch.
 
-Dimensions: `B` batch/slots, `V` vocab, `C` candidates (the `_NUM_CANDIDATES` largest logits).
+Dimensions: `B` batch/slots, `V` vocab, `C` candidates (the `_NUM_CANDIDATES` largest logits),
+`K` the most likely tokens reported with logprobs (`MAX_LOGPROBS`, or V if smaller).
 
 Filters follow Hugging Face / vLLM, in their order: temperature, top-k, top-p (computed on the
 top-k survivors, renormalised), min-p. Every filter is a threshold on the scaled logits, so the
@@ -12,6 +13,13 @@ A full sort of the vocabulary is what the textbook recipe uses, but on CPU XLA s
 from the C largest logits, and only rows whose kept set does not fit there fall back to an
 exact radix select over V (32 masked passes) and an inverse-CDF draw over V. Which path a row
 takes depends on that row alone, so a request's tokens never depend on what else is batched.
+
+Logprobs (`sample_with_logprobs`) are those of the distribution a row was actually drawn from:
+`log_softmax(logits / T)` renormalised over the kept set `{v : logits[v] / T >= thr}` (the
+tokens the filters removed get -inf). Greedy rows report the unmodified `log_softmax(logits)`,
+as vLLM does: the argmax "distribution" would give 0 to the chosen token and -inf to the rest.
+They are computed in the same jitted call as the tokens, behind a `lax.cond` on whether any
+row asked, so a step without logprob requests skips that work.
 """
 
 import dataclasses
@@ -23,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Float, Int, UInt32
+from jaxtyping import Array, Bool, Float, Int, UInt32
 
 _NUM_CANDIDATES = 64
+# Most alternatives a request may ask for per token (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
 # Temperatures below this draw greedily, as in vLLM: the scaled logits would be all but one-hot.
 _MIN_TEMPERATURE = 1e-5
 # Fan-out of the tree of block sums that a draw over the whole vocabulary walks down.
@@ -48,6 +58,10 @@ class SamplingParams:
     stop: str | Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    # None = off; k = the sampled token's logprob plus the k most likely alternatives.
+    logprobs: int | None = None
+    # None = off; k = each prompt token's logprob given the tokens before it, plus top k.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -67,6 +81,14 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (
+                not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS
+            ):
+                raise ValueError(
+                    f"{name} must be None (off) or an integer in [0, {MAX_LOGPROBS}], got {k!r}"
+                )
 
 
 _Arr = Array | np.ndarray  # numpy on the host, jax arrays on the device
@@ -85,6 +107,7 @@ class SamplingArrays(NamedTuple):
     top_p: Float[_Arr, " B"]  # 1 = off
     min_p: Float[_Arr, " B"]  # 0 = off
     seed: UInt32[_Arr, "B 2"]
+    logprobs: Bool[_Arr, " B"]  # the row's request asked for logprobs
 
     @classmethod
     def from_params(
@@ -103,6 +126,7 @@ class SamplingArrays(NamedTuple):
             top_p=np.array([p.top_p for p in params], np.float32),
             min_p=np.array([p.min_p for p in params], np.float32),
             seed=np.array(words, np.uint32).reshape(len(params), 2),
+            logprobs=np.array([p.logprobs is not None for p in params], np.bool_),
         )
 
     @classmethod
@@ -196,6 +220,16 @@ def _when(pred: Array, fn, otherwise: Array) -> Array:
     return lax.cond(pred, fn, lambda: otherwise)
 
 
+class Sampled(NamedTuple):
+    """One draw per row and, where a row asked, the logprobs of the distribution it was drawn
+    from (zeros in a batch where no row asked)."""
+
+    tokens: Int[Array, " B"]
+    logprob: Float[Array, " B"]  # of the sampled token
+    top_ids: Int[Array, "B K"]  # the K most likely tokens, most likely first
+    top_logprobs: Float[Array, "B K"]  # their logprobs; -inf where the filters removed them
+
+
 def sample(
     logits: Float[Array, "B V"], params: SamplingArrays, step: Int[Array, " B"]
 ) -> Int[Array, " B"]:
@@ -208,21 +242,65 @@ def sample(
 
     Returns int32 token ids [B].
     """
+    return _draw(logits, params, step)[0]
+
+
+def sample_with_logprobs(
+    logits: Float[Array, "B V"], params: SamplingArrays, step: Int[Array, " B"]
+) -> Sampled:
+    """`sample`'s tokens (the same ones) and, when any row has `params.logprobs`, every row's
+    logprobs in the distribution it was drawn from (see the module's docstring)."""
+    logits = logits.astype(jnp.float32)
+    tokens, temp, thr = _draw(logits, params, step)
+    k = min(MAX_LOGPROBS, logits.shape[-1])
+
+    def skip():
+        return (
+            jnp.zeros(tokens.shape, jnp.float32),
+            jnp.zeros((*tokens.shape, k), jnp.int32),
+            jnp.zeros((*tokens.shape, k), jnp.float32),
+        )
+
+    wanted = jnp.any(jnp.asarray(params.logprobs))
+    return Sampled(tokens, *lax.cond(wanted, lambda: _logprobs(logits, tokens, temp, thr, k), skip))
+
+
+def _logprobs(logits: Array, tokens: Array, temp: Array, thr: Array, k: int):
+    """Logprobs of `tokens` [B] and of the k largest logits per row, in the distribution of
+    `logits / temp` [B] restricted to `{s >= thr}` and renormalised."""
+    s = logits / _col(temp)  # [B, V]
+    m = jnp.max(s, axis=-1)
+    log_z = m + jnp.log(jnp.sum(_mass(s, m, thr), axis=-1))
+    token_lp = _take(s, tokens) - log_z
+    top, top_ids = lax.top_k(logits, k)  # dividing by T > 0 keeps the order
+    top = top / _col(temp)
+    top_lp = jnp.where(top >= _col(thr), top - _col(log_z), -jnp.inf)
+    return token_lp, top_ids.astype(jnp.int32), top_lp
+
+
+def _draw(logits: Array, params: SamplingArrays, step: Array) -> tuple[Array, Array, Array]:
+    """Tokens [B], and the temperature [B] and threshold [B] on the scaled logits that
+    define each row's distribution (greedy rows: 1 and -inf, the unmodified one)."""
     logits = logits.astype(jnp.float32)
     params = SamplingArrays(*(jnp.asarray(x) for x in params))  # host arrays work eagerly too
     greedy = params.temperature < _MIN_TEMPERATURE
-    return lax.cond(
-        jnp.all(greedy),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        lambda: _sample_rows(logits, params, step, greedy),
-    )
+
+    def all_greedy():
+        ones = jnp.ones(greedy.shape, jnp.float32)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), ones, jnp.full_like(ones, -jnp.inf)
+
+    return lax.cond(jnp.all(greedy), all_greedy, lambda: _sample_rows(logits, params, step, greedy))
 
 
-def _sample_rows(logits: Array, params: SamplingArrays, step: Array, greedy: Array) -> Array:
-    """Tokens [B] for a batch with at least one sampled row."""
+def _sample_rows(
+    logits: Array, params: SamplingArrays, step: Array, greedy: Array
+) -> tuple[Array, Array, Array]:
+    """Tokens, temperatures and thresholds [B] (as `_draw`) for a batch with at least one
+    sampled row."""
     vocab = logits.shape[-1]
     c = min(_NUM_CANDIDATES, vocab)
-    temp = _col(jnp.where(greedy, 1.0, params.temperature))
+    temp_row = jnp.where(greedy, 1.0, params.temperature)
+    temp = _col(temp_row)
     # Dividing by T > 0 keeps the order, so these are the largest scaled logits, descending.
     top, top_idx = lax.top_k(logits, min(c + 1, vocab))
     top = top / temp  # [B, W], W = C + 1 (or V)
@@ -277,11 +355,13 @@ def _sample_rows(logits: Array, params: SamplingArrays, step: Array, greedy: Arr
         exact = _when(
             jnp.any(lost), lambda: _exact_thresholds(s, m, params, thr_k, thr_min, lost), thr
         )
-        return jnp.where(from_cand, cand_tokens, _draw_full(s, m, jnp.where(known, thr, exact), u))
+        final = jnp.where(known, thr, exact)  # from_cand rows are known: thr is theirs
+        return jnp.where(from_cand, cand_tokens, _draw_full(s, m, final, u)), final
 
-    sampled = lax.cond(jnp.all(from_cand), lambda: cand_tokens, full_vocab)
+    sampled, final = lax.cond(jnp.all(from_cand), lambda: (cand_tokens, thr), full_vocab)
     argmax = _when(jnp.any(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
-    return jnp.where(greedy, argmax, sampled)
+    tokens = jnp.where(greedy, argmax, sampled)
+    return tokens, temp_row, jnp.where(greedy, -jnp.inf, final)
 
 
 def _exact_thresholds(

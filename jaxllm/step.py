@@ -18,14 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxtyping import Array, Int
 
 from jaxllm import padding
 from jaxllm.attention import PagedBatch, RowGroup
 from jaxllm.engine_config import EngineConfig
 from jaxllm.kv_cache import KVPool
 from jaxllm.runtime import ModelRunner
-from jaxllm.sampling import SamplingArrays, SamplingParams, sample
+from jaxllm.sampling import Sampled, SamplingArrays, SamplingParams, sample_with_logprobs
 from jaxllm.scheduler import StepPlan
 
 _GREEDY = SamplingParams(temperature=0.0)
@@ -135,12 +134,14 @@ def padding_only(shape: tuple[int, int], config: EngineConfig, num_pages: int) -
 
 
 class StepFunction:
-    """``(params, pool, StepInput) -> (tokens [Rs], pool)``: the model, jitted once per step
+    """``(params, pool, StepInput) -> (Sampled [Rs], pool)``: the model, jitted once per step
     shape with the pool donated (updated in place) and its shardings pinned, so warm-up and
     serving hit the same programs; then the sampler, jitted once per sampler bucket (it
     takes longer to compile than a small model, so it is not compiled into every step
-    shape). Tokens are replicated: on a mesh spanning processes the host can only read an
-    array whose every element is on its own devices."""
+    shape). The sampler returns the tokens and, computed in the same call only when some
+    row asked (``SamplingArrays.logprobs``), their logprobs and the top alternatives
+    (``jaxllm.sampling.Sampled``). Its outputs are replicated: on a mesh spanning processes
+    the host can only read an array whose every element is on its own devices."""
 
     def __init__(self, runner: ModelRunner, config: EngineConfig, pool: KVPool):
         self.runner, self.config = runner, config
@@ -149,9 +150,9 @@ class StepFunction:
         self._model = jax.jit(
             self._logits, donate_argnames="pool", out_shardings=(replicated, pool_shardings)
         )
-        self._sample = jax.jit(sample, out_shardings=replicated)
+        self._sample = jax.jit(sample_with_logprobs, out_shardings=replicated)
 
-    def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Int[Array, " Rs"], KVPool]:
+    def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Sampled, KVPool]:
         logits, pool = self._model(params, pool, inp._replace(sampling=None, sample_step=None))
         return self._sample(logits, inp.sampling, inp.sample_step), pool
 

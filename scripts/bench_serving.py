@@ -1,13 +1,26 @@
 # ruff: noqa: E402  (XLA_FLAGS and TQDM_DISABLE must be set before jax and jaxllm load)
-"""Benchmark: the gRPC server against the in-process engine on the same workload.
+"""Benchmark: the HTTP (OpenAI-compatible) and gRPC servers against the in-process engine on
+the same workload.
 
-One workload (``--requests`` prompts of random token ids, ``--prompt-len`` tokens, greedy,
-``--max-tokens`` output tokens each with ``ignore_eos``) is run, in turns:
+One workload (``--requests`` prompts of about ``--prompt-len`` tokens, greedy, ``--max-tokens``
+output tokens each with ``ignore_eos``) is run, in turns:
 
 - in-process: ``LLM.load`` in this process, requests through ``engine.submit``, token times
   taken by the request's ``on_update`` callback;
-- over gRPC: a ``jaxllm serve`` subprocess with the same model and engine options, driven by
-  the asyncio client in this process; token times are message arrival times.
+- over gRPC: a ``jaxllm serve --http-port 0`` subprocess with the same model and engine
+  options, driven by the asyncio client in this process; token times are message arrival times;
+- over HTTP: the same server process, driven by streaming requests (Server-Sent Events) from
+  this process over kept-alive connections (a minimal client, ``SSEClient``: the load
+  generator's CPU is taken from the server's); token times are event arrival times. OpenAI's
+  stream carries text, not token ids, so each event counts as one token and the request's
+  ``usage`` sets the total (the server's stream_interval 1 sends one event per token unless
+  tokens arrive together).
+
+``--api chat`` (the default) sends one user message per request: rendered by the model's chat
+template on the server (HTTP ``/v1/chat/completions``, gRPC ``messages``) and by
+``jaxllm.chat.chat_prompt_ids`` in-process. A model without a template (the demo model) is
+copied to ``OUT/bench_model`` with a one-line template added. ``--api completions`` sends
+random token ids (HTTP ``/v1/completions``).
 
 Load is either ``--concurrency N`` clients that each send their next request when the last
 one ends (closed loop), or ``--rate R`` requests/s with Poisson arrivals (open loop). Each
@@ -15,13 +28,14 @@ system runs ``--rounds`` times in alternation (another process on the machine ma
 runs noisy); the best throughput round of each is reported. Reported: output tokens/s,
 TTFT, TPOT (per request: (last - first token) / (n - 1)) and ITL (gaps between token
 arrivals; a message carrying k tokens counts its gap / k, k times) p50/p99, errors, the
-gRPC / in-process throughput ratio and the latency per token that gRPC adds (TPOT
-difference of the medians), and the CPU each run costs per output token (this process plus
-the server process), which a machine shared with other work skews less.
+gRPC / in-process and HTTP / in-process throughput ratios and the latency per token each
+front end adds (TPOT difference of the medians), and the CPU each run costs per output token
+(this process plus the server process), which a machine shared with other work skews less.
 Writes ``OUT/bench_serving.json`` and ``OUT/bench_serving.png``.
 
-    python scripts/bench_serving.py [--model DIR] [--concurrency 32] [--rate R]
-        [--requests 128] [--prompt-len 32] [--max-tokens 128] [--max-num-seqs 32] [--out out]
+    python scripts/bench_serving.py [--model DIR] [--api chat|completions] [--concurrency 32]
+        [--rate R] [--requests 128] [--prompt-len 32] [--max-tokens 128] [--max-num-seqs 32]
+        [--out out]
 """
 
 from __future__ import annotations
@@ -37,10 +51,14 @@ import asyncio
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +68,66 @@ sys.path.insert(0, str(REPO))
 
 import grpc
 
+from jaxllm import demo, orbax_checkpoint
+from jaxllm.chat import chat_prompt_ids
 from jaxllm.llm import LLM
 from jaxllm.sampling import SamplingParams
-from serve.client import AsyncClient
+from jaxllm.tokenizer import Tokenizer
+from serve.client import AsyncClient, chat_request
+from serve.proto import jaxllm_pb2_grpc as pb_grpc
+
+# Added to a copy of a model without a chat template, for --api chat.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WORDS = "the quick brown fox jumps over lazy dogs while jax compiles every shape once".split()
 
 
-def workload(args, vocab: int) -> list[list[int]]:
+class Job:
+    """One request of the workload: token ids (completions) or a user message (chat)."""
+
+    def __init__(self, ids: list[int], message: str | None = None):
+        self.ids, self.message = ids, message
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.message}]
+
+
+def workload(args, tokenizer: Tokenizer, vocab: int) -> list[Job]:
     rng = random.Random(0)
-    return [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    if args.api == "completions":
+        return [
+            Job([rng.randrange(vocab) for _ in range(args.prompt_len)])
+            for _ in range(args.requests)
+        ]
+    jobs = []
+    for _ in range(args.requests):
+        words = []
+        while True:  # about prompt_len tokens once the template has wrapped it
+            words.append(rng.choice(WORDS))
+            message = " ".join(words)
+            ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": message}])
+            if len(ids) >= args.prompt_len:
+                break
+        jobs.append(Job(ids, message))
+    return jobs
+
+
+def with_chat_template(model: str | None, out: Path) -> str | None:
+    """``model`` itself if its tokenizer has a chat template, else a copy with one."""
+    path = Path(model) if model else demo.demo_model_dir()
+    is_orbax = orbax_checkpoint.is_orbax_checkpoint(path)
+    tokenizer_dir = orbax_checkpoint.tokenizer_dir(path) if is_orbax else path
+    if Tokenizer.from_dir(tokenizer_dir).has_chat_template:
+        return model
+    copy = out / "bench_model" / path.name
+    if not copy.exists():
+        shutil.copytree(path, copy)
+    copied_tokenizer = orbax_checkpoint.tokenizer_dir(copy) if is_orbax else copy
+    (copied_tokenizer / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return str(copy)
 
 
 def arrivals(args) -> list[float] | None:
@@ -104,7 +174,7 @@ def summarize(records: list[dict], wall: float, errors: int) -> dict:
     }
 
 
-def run_in_process(llm: LLM, prompts, args) -> dict:
+def run_in_process(llm: LLM, prompts: list[Job], args) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     records, errors, lock = [], [0], threading.Lock()
     send_at = arrivals(args)
@@ -121,7 +191,9 @@ def run_in_process(llm: LLM, prompts, args) -> dict:
                 seen[0] = n
 
         request = None
-        request = llm.engine.submit(prompts[i], params, on_update=on_update)
+        job = prompts[i]
+        ids = job.ids if job.message is None else chat_prompt_ids(llm.tokenizer, job.messages)
+        request = llm.engine.submit(ids, params, on_update=on_update)
         try:
             request.wait(600)
             on_update()  # tokens pushed before `request` was bound
@@ -158,18 +230,44 @@ def run_in_process(llm: LLM, prompts, args) -> dict:
     return summarize(records, time.perf_counter() - t0, errors[0])
 
 
-async def run_grpc(target: str, prompts, args) -> dict:
-    records, errors = [], [0]
+async def drive(prompts: list[Job], args, one) -> tuple[float, float]:
+    """Runs ``one(i, t0)`` for every request, closed or open loop; returns (t0, end)."""
     send_at = arrivals(args)
-    async with AsyncClient(target) as client:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    if send_at is None:
+        queue = list(range(len(prompts)))
 
-        async def one(i):
+        async def worker():
+            while queue:
+                await one(queue.pop(0), t0)
+
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    else:
+
+        async def delayed(i):
+            await asyncio.sleep(max(0.0, send_at[i] - (time.perf_counter() - t0)))
+            await one(i, t0)
+
+        await asyncio.gather(*(delayed(i) for i in range(len(prompts))))
+    return t0, time.perf_counter()
+
+
+async def run_grpc(target: str, prompts: list[Job], args) -> dict:
+    records, errors = [], [0]
+    sampling = dict(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    async with AsyncClient(target) as client:
+        channel = grpc.aio.insecure_channel(target)
+        stub = pb_grpc.LLMStub(channel)
+
+        async def one(i, t0):
             record = {"start": time.perf_counter() - t0, "times": []}
+            job = prompts[i]
+            if job.message is None:
+                stream = client.generate_stream(job.ids, **sampling)
+            else:
+                stream = stub.Generate(chat_request(job.messages, **sampling))
             try:
-                async for m in client.generate_stream(
-                    prompts[i], max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True
-                ):
+                async for m in stream:
                     if m.token_ids:
                         record["times"].append((time.perf_counter() - t0, len(m.token_ids)))
             except grpc.aio.AioRpcError:
@@ -177,22 +275,90 @@ async def run_grpc(target: str, prompts, args) -> dict:
                 return
             records.append(record)
 
-        if send_at is None:
-            queue = list(range(len(prompts)))
+        t0, end = await drive(prompts, args, one)
+        await channel.close()
+        return summarize(records, end - t0, errors[0])
 
-            async def worker():
-                while queue:
-                    await one(queue.pop(0))
 
-            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+class SSEClient:
+    """A minimal HTTP/1.1 client for streamed (chunked) responses over kept-alive
+    connections. The load generator shares the machine's CPU with the server, and httpx's
+    async stack costs about 120 us per event here, several times this; gRPC's client is C."""
+
+    def __init__(self, base: str):
+        url = urllib.parse.urlsplit(base)
+        self.host, self.port = url.hostname, url.port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def stream(self, path: str, body: dict) -> AsyncIterator[bytes]:
+        """The response body's chunks; RuntimeError for a status other than 200."""
+        if self.idle:
+            reader, writer = self.idle.pop()
         else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        payload = json.dumps(body).encode()
+        writer.write(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            % (path.encode(), self.host.encode(), len(payload), payload)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 200 or b"transfer-encoding: chunked" not in head.lower():
+            writer.close()
+            raise RuntimeError(f"HTTP {status}")
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            yield (await reader.readexactly(size + 2))[:-2]
+        await reader.readline()  # the empty trailer
+        self.idle.append((reader, writer))
 
-            async def delayed(i):
-                await asyncio.sleep(max(0.0, send_at[i] - (time.perf_counter() - t0)))
-                await one(i)
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
 
-            await asyncio.gather(*(delayed(i) for i in range(len(prompts))))
-        return summarize(records, time.perf_counter() - t0, errors[0])
+
+async def run_http(base: str, model: str, prompts: list[Job], args) -> dict:
+    records, errors = [], [0]
+    client = SSEClient(base)
+
+    async def one(i, t0):
+        record = {"start": time.perf_counter() - t0, "times": []}
+        job = prompts[i]
+        body = dict(model=model, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+        body.update(stream=True, stream_options={"include_usage": True})
+        if job.message is None:
+            path, body["prompt"] = "/v1/completions", job.ids
+        else:
+            path, body["messages"] = "/v1/chat/completions", job.messages
+        usage, buffer = None, b""
+        try:
+            async for data in client.stream(path, body):
+                now = time.perf_counter() - t0
+                *events, buffer = (buffer + data).split(b"\n\n")
+                for event in events:
+                    if not event.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(event[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]["completion_tokens"]
+                    choices = chunk["choices"]
+                    if choices and (
+                        choices[0].get("text") or choices[0].get("delta", {}).get("content")
+                    ):
+                        record["times"].append((now, 1))
+        except (RuntimeError, OSError, asyncio.IncompleteReadError):
+            errors[0] += 1
+            return
+        if record["times"] and usage is not None:  # the last event's tokens: the rest
+            t, _ = record["times"][-1]
+            record["times"][-1] = (t, usage - len(record["times"]) + 1)
+        records.append(record)
+
+    try:
+        t0, end = await drive(prompts, args, one)
+    finally:
+        client.close()
+    return summarize(records, end - t0, errors[0])
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -216,8 +382,9 @@ def measured(run, server_pid: int | None = None) -> dict:
     return summary
 
 
-def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str, str]:
     command = [sys.executable, "-m", "serve.cli", "serve", "--port", "0", "--no-metrics"]
+    command += ["--http-port", "0"]
     command += ["--max-num-seqs", str(args.max_num_seqs), "--max-seq-len", str(args.max_seq_len)]
     command += ["--max-queue", str(args.requests), "--stream-interval", str(args.stream_interval)]
     if args.model:
@@ -230,7 +397,8 @@ def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
         text = log_path.read_text(errors="replace")
         found = re.search(r"jaxllm: serving .* on ([\d.]+:\d+)", text)
         if found:
-            return proc, found.group(1)
+            http = re.search(r"jaxllm: OpenAI API on (http://\S+)/v1", text).group(1)
+            return proc, found.group(1), http
         if proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{text[-3000:]}")
         time.sleep(0.2)
@@ -244,10 +412,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    names = ["in_process", "grpc"]
+    names = ["in_process", "grpc", "http"]
     best = {n: result[n] for n in names}
-    axes[0].bar(names, [best[n]["tokens_per_s"] for n in names], color=["C0", "C1"])
-    axes[0].set_title(f"output tokens/s (ratio {result['throughput_ratio']:.3f})")
+    axes[0].bar(names, [best[n]["tokens_per_s"] for n in names], color=["C0", "C1", "C2"])
+    ratios = result["throughput_ratio"]
+    axes[0].set_title(f"output tokens/s (gRPC {ratios['grpc']:.3f}, HTTP {ratios['http']:.3f})")
     for ax, key, label in ((axes[1], "_ttft", "TTFT (s)"), (axes[2], "_itl", "ITL (s)")):
         for n in names:
             xs = np.sort(best[n][key])
@@ -265,6 +434,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model folder (default: the demo model)")
+    parser.add_argument("--api", choices=["chat", "completions"], default="chat")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=float, help="Poisson arrivals per second (open loop)")
     parser.add_argument("--requests", type=int, default=128)
@@ -275,50 +445,64 @@ def main() -> int:
     parser.add_argument("--stream-interval", type=int, default=1, help="server's, see serve")
     parser.add_argument("--out", default="out")
     args = parser.parse_args()
-    args.max_seq_len = args.prompt_len + args.max_tokens
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.api == "chat":
+        args.model = with_chat_template(args.model, out)
+    # Chat prompts come out a few tokens past --prompt-len: leave them room.
+    args.max_seq_len = args.prompt_len + args.max_tokens + (16 if args.api == "chat" else 0)
 
     llm = LLM.load(args.model, max_num_seqs=args.max_num_seqs, max_seq_len=args.max_seq_len)
-    prompts = workload(args, llm.config.vocab_size)
-    run_in_process(llm, prompts[: args.max_num_seqs], args)  # throwaway: first-use costs
-    proc, target = start_server(args, out / "bench_serving_server.log")
-    rounds = {"in_process": [], "grpc": []}
+    prompts = workload(args, llm.tokenizer, llm.config.vocab_size)
+    warm = prompts[: args.max_num_seqs]
+    run_in_process(llm, warm, args)  # throwaway: first-use costs
+    proc, target, http = start_server(args, out / "bench_serving_server.log")
+    with urllib.request.urlopen(http + "/v1/models") as reply:
+        model = json.load(reply)["data"][0]["id"]
+    systems = {
+        "in_process": (lambda: run_in_process(llm, prompts, args), None),
+        "grpc": (lambda: asyncio.run(run_grpc(target, prompts, args)), proc.pid),
+        "http": (lambda: asyncio.run(run_http(http, model, prompts, args)), proc.pid),
+    }
+    rounds = {name: [] for name in systems}
     try:
-        asyncio.run(run_grpc(target, prompts[: args.max_num_seqs], args))  # throwaway
+        asyncio.run(run_grpc(target, warm, args))  # throwaway
+        asyncio.run(run_http(http, model, warm, args))  # throwaway
         for r in range(args.rounds):
-            rounds["in_process"].append(measured(lambda: run_in_process(llm, prompts, args)))
-            rounds["grpc"].append(
-                measured(lambda: asyncio.run(run_grpc(target, prompts, args)), proc.pid)
-            )
-            a, b = rounds["in_process"][-1], rounds["grpc"][-1]
-            print(
-                f"round {r}: in-process {a['tokens_per_s']:.0f} tok/s "
-                f"({a['cpu_ms_per_token']:.3f} CPU ms/token), gRPC {b['tokens_per_s']:.0f} tok/s "
-                f"({b['cpu_ms_per_token']:.3f} CPU ms/token)",
-                flush=True,
-            )
+            line = []
+            for name, (run, pid) in systems.items():
+                rounds[name].append(measured(run, pid))
+                s = rounds[name][-1]
+                line.append(
+                    f"{name} {s['tokens_per_s']:.0f} tok/s ({s['cpu_ms_per_token']:.3f} CPU "
+                    f"ms/token, {s['errors']} errors)"
+                )
+            print(f"round {r}: " + ", ".join(line), flush=True)
     finally:
         proc.terminate()
         proc.wait(120)
         llm.close()
     best = {k: max(v, key=lambda s: s["tokens_per_s"]) for k, v in rounds.items()}
     load = f"{args.rate} req/s Poisson" if args.rate else f"{args.concurrency} concurrent"
+    base = best["in_process"]
+    fronts = ("grpc", "http")
     result = {
         "workload": (
-            f"{args.requests} requests, {load}, prompt {args.prompt_len}, "
+            f"{args.requests} streaming {args.api} requests, {load}, prompt ~{args.prompt_len}, "
             f"output {args.max_tokens} tokens, {args.max_num_seqs} running at once, "
             f"model {llm.name}, "
             f"stream_interval {args.stream_interval}"
         ),
         "args": vars(args),
         **best,
-        "throughput_ratio": best["grpc"]["tokens_per_s"] / best["in_process"]["tokens_per_s"],
-        "added_latency_per_token_s": best["grpc"]["tpot_s"]["p50"]
-        - best["in_process"]["tpot_s"]["p50"],
+        "throughput_ratio": {f: best[f]["tokens_per_s"] / base["tokens_per_s"] for f in fronts},
+        "added_latency_per_token_s": {
+            f: best[f]["tpot_s"]["p50"] - base["tpot_s"]["p50"] for f in fronts
+        },
         "rounds_tokens_per_s": {k: [s["tokens_per_s"] for s in v] for k, v in rounds.items()},
-        "added_cpu_ms_per_token": best["grpc"]["cpu_ms_per_token"]
-        - best["in_process"]["cpu_ms_per_token"],
+        "added_cpu_ms_per_token": {
+            f: best[f]["cpu_ms_per_token"] - base["cpu_ms_per_token"] for f in fronts
+        },
     }
     plot(result, out / "bench_serving.png")
     clean = {
@@ -328,12 +512,13 @@ def main() -> int:
         for k, v in result.items()
     }
     (out / "bench_serving.json").write_text(json.dumps(clean, indent=2))
-    print(json.dumps({k: clean[k] for k in ("workload", "in_process", "grpc")}, indent=2))
-    print(
-        f"gRPC / in-process throughput: {result['throughput_ratio']:.3f}; "
-        f"added latency per token: {result['added_latency_per_token_s'] * 1e3:.3f} ms; "
-        f"added CPU per token: {result['added_cpu_ms_per_token']:.3f} ms"
-    )
+    print(json.dumps({k: clean[k] for k in ("workload", "in_process", "grpc", "http")}, indent=2))
+    for f, name in (("grpc", "gRPC"), ("http", "HTTP")):
+        print(
+            f"{name} / in-process throughput: {result['throughput_ratio'][f]:.3f}; "
+            f"added latency per token: {result['added_latency_per_token_s'][f] * 1e3:.3f} ms; "
+            f"added CPU per token: {result['added_cpu_ms_per_token'][f]:.3f} ms"
+        )
     return 0
 
 

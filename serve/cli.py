@@ -1,7 +1,8 @@
 """The ``jaxllm`` console script: the model commands of ``jaxllm.cli`` plus the server's.
 
     jaxllm serve [--model PATH] [--config configs/demo.yaml] [--mesh data=2,tensor=4]
-                 [--host 127.0.0.1] [--port 50051] [--metrics-port 9090]
+                 [--host 127.0.0.1] [--port 50051] [--metrics-port 9090] [--http-port 8000]
+                 [--api-key KEY]
                  [--tls-cert CERT --tls-key KEY] [--auth-token-file FILE]
     jaxllm generate --server HOST:PORT [sampling flags] PROMPT
     jaxllm serve --coordinator HOST:PORT --num-processes N --process-id I ...   (multi-host)
@@ -65,7 +66,7 @@ def _serve(args) -> int:
     flags = {
         name: getattr(args, name)
         for name in ("model", "mesh", "dtype", "rules", "quantize", "host", "port")
-        + ("metrics_port",)
+        + ("metrics_port", "http_port", "served_model_name", "api_key")
         + ("max_queue", "tls_cert", "tls_key", "auth_token_file", "drain_timeout_s")
         + ("stream_interval", "sample_prompt", "peer_timeout_s", "lockstep_port")
         if getattr(args, name) is not None
@@ -178,13 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
     gen.set_defaults(run=_generate)
 
-    srv = commands.add_parser("serve", help="serve a model over gRPC")
+    srv = commands.add_parser("serve", help="serve a model over gRPC (and HTTP: --http-port)")
     srv.add_argument("--config", help="YAML of ServeConfig overrides (see configs/)")
     model_cli.add_model_args(srv)
     srv.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     srv.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090)")
     srv.add_argument("--no-metrics", action="store_true", help="no metrics endpoint")
+    srv.add_argument(
+        "--http-port", type=int, help="OpenAI-compatible HTTP API on this port (default: off)"
+    )
+    srv.add_argument("--served-model-name", help="the model name clients send (default: folder)")
+    srv.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on HTTP and gRPC (or use --auth-token-file)",
+    )
     srv.add_argument("--max-num-seqs", type=int, help="sequences running at once (default 64)")
     srv.add_argument(
         "--max-step-tokens", type=int, help="tokens one engine step computes (default 256)"

@@ -7,6 +7,8 @@ spread round-robin by the channel itself.
     with Client("127.0.0.1:50051") as client:
         for piece in client.stream("Once upon a time", max_tokens=32, temperature=0):
             print(piece, end="", flush=True)
+        reply = client.chat([{"role": "user", "content": "Hi!"}], max_tokens=32)
+        choices = client.generate("def f(", n=3, seed=0, logprobs=True, num_logprobs=5)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import dataclasses
 import itertools
 import json
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -30,6 +32,15 @@ _ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 _SAMPLING_FIELDS = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the most likely alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclasses.dataclass
 class Result:
     text: str
@@ -37,19 +48,53 @@ class Result:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # With logprobs: one per token id. With prompt_logprobs: one per prompt token from the
+    # second on.
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    index: int = 0  # which choice, with n > 1
+
+
+Messages = Sequence[Mapping[str, str]]
 
 
 def generate_request(
-    prompt: str | Sequence[int], request_id: str = "", **sampling
+    prompt: str | Sequence[int], request_id: str = "", *, n: int = 0, **sampling
 ) -> pb.GenerateRequest:
     """``prompt`` is text or token ids; ``sampling`` are SamplingParams fields (None = unset)."""
+    request = pb.GenerateRequest(sampling=_sampling(sampling), request_id=request_id, n=n)
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.token_ids.extend(prompt)
+    return request
+
+
+def chat_request(
+    messages: Messages, request_id: str = "", *, n: int = 0, **sampling
+) -> pb.GenerateRequest:
+    """``messages``: ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``,
+    rendered by the server with the model's chat template."""
+    return pb.GenerateRequest(
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        sampling=_sampling(sampling),
+        request_id=request_id,
+        n=n,
+    )
+
+
+def _sampling(sampling: dict) -> pb.SamplingParams:
     unknown = set(sampling) - _SAMPLING_FIELDS
     if unknown:
         raise TypeError(f"unknown sampling options {sorted(unknown)}")
-    params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-    if isinstance(prompt, str):
-        return pb.GenerateRequest(prompt=prompt, sampling=params, request_id=request_id)
-    return pb.GenerateRequest(token_ids=list(prompt), sampling=params, request_id=request_id)
+    return pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+
+
+def _logprobs(messages) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
+        for m in messages
+    ]
 
 
 def _targets(target: str | Sequence[str]) -> list[str]:
@@ -82,15 +127,21 @@ def _options(server_name: str | None, max_message_bytes: int) -> list[tuple[str,
     return options
 
 
-def _merge(result: Result | None, message: pb.GenerateResponse) -> Result:
-    result = result or Result("", [], "", 0, 0)
+def _merge(results: dict[int, Result], message: pb.GenerateResponse) -> None:
+    result = results.setdefault(message.index, Result("", [], "", 0, 0, index=message.index))
     result.text += message.text
     result.token_ids += list(message.token_ids)
+    result.logprobs += _logprobs(message.logprobs)
+    result.prompt_logprobs += _logprobs(message.prompt_logprobs)
     if message.finish_reason:
         result.finish_reason = message.finish_reason
         result.prompt_tokens = message.usage.prompt_tokens
         result.completion_tokens = message.usage.completion_tokens
-    return result
+
+
+def _results(results: dict[int, Result], n: int) -> Result | list[Result]:
+    ordered = [results[i] for i in sorted(results)]
+    return ordered if n > 1 else ordered[0]
 
 
 class Client:
@@ -118,9 +169,12 @@ class Client:
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **sampling
     ) -> Iterator[pb.GenerateResponse]:
         """The raw response messages; closing the iterator early cancels the request."""
-        call = self._stub().Generate(
-            generate_request(prompt, **sampling), timeout=timeout, metadata=self._metadata
-        )
+        return self._messages(generate_request(prompt, **sampling), timeout)
+
+    def _messages(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> Iterator[pb.GenerateResponse]:
+        call = self._stub().Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             yield from call
         finally:
@@ -132,11 +186,24 @@ class Client:
             if message.text:
                 yield message.text
 
-    def generate(self, prompt: str | Sequence[int], **options) -> Result:
-        result = None
-        for message in self.generate_stream(prompt, **options):
-            result = _merge(result, message)
-        return result
+    def generate(
+        self, prompt: str | Sequence[int], *, n: int = 1, timeout: float | None = None, **sampling
+    ) -> Result | list[Result]:
+        """One Result, or a list of n for ``n > 1`` (each seeded ``seed + i`` given a seed)."""
+        request = generate_request(prompt, n=n, **sampling)
+        results: dict[int, Result] = {}
+        for message in self._messages(request, timeout):
+            _merge(results, message)
+        return _results(results, n)
+
+    def chat(
+        self, messages: Messages, *, n: int = 1, timeout: float | None = None, **sampling
+    ) -> Result | list[Result]:
+        """The assistant's reply to ``messages`` (the server applies the chat template)."""
+        results: dict[int, Result] = {}
+        for message in self._messages(chat_request(messages, n=n, **sampling), timeout):
+            _merge(results, message)
+        return _results(results, n)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
@@ -189,12 +256,15 @@ class AsyncClient:
     def _stub(self) -> pb_grpc.LLMStub:
         return pb_grpc.LLMStub(self._channels[next(self._next)])
 
-    async def generate_stream(
+    def generate_stream(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **sampling
     ) -> AsyncIterator[pb.GenerateResponse]:
-        call = self._stub().Generate(
-            generate_request(prompt, **sampling), timeout=timeout, metadata=self._metadata
-        )
+        return self._messages(generate_request(prompt, **sampling), timeout)
+
+    async def _messages(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = self._stub().Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for message in call:
                 yield message
@@ -206,11 +276,21 @@ class AsyncClient:
             if message.text:
                 yield message.text
 
-    async def generate(self, prompt: str | Sequence[int], **options) -> Result:
-        result = None
-        async for message in self.generate_stream(prompt, **options):
-            result = _merge(result, message)
-        return result
+    async def generate(
+        self, prompt: str | Sequence[int], *, n: int = 1, timeout: float | None = None, **sampling
+    ) -> Result | list[Result]:
+        results: dict[int, Result] = {}
+        async for message in self._messages(generate_request(prompt, n=n, **sampling), timeout):
+            _merge(results, message)
+        return _results(results, n)
+
+    async def chat(
+        self, messages: Messages, *, n: int = 1, timeout: float | None = None, **sampling
+    ) -> Result | list[Result]:
+        results: dict[int, Result] = {}
+        async for message in self._messages(chat_request(messages, n=n, **sampling), timeout):
+            _merge(results, message)
+        return _results(results, n)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)

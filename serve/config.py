@@ -29,6 +29,13 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless asked: the API has no auth by default
     port: int = 50051
     metrics_port: int | None = 9090  # None = no metrics endpoint
+    # The OpenAI-compatible HTTP API (serve.http) on this port, beside gRPC; None = off.
+    http_port: int | None = None
+    # The name /v1/models lists and requests must give as "model"; None = the model folder's.
+    served_model_name: str | None = None
+    # A key both front ends require (HTTP "Authorization: Bearer KEY", gRPC metadata
+    # "authorization: Bearer KEY"); else auth_token_file / auth_token_env below.
+    api_key: str | None = None
     # Requests admitted beyond the busy slots; one more is answered RESOURCE_EXHAUSTED.
     max_queue: int = 64
     default_max_tokens: int = 16
@@ -63,6 +70,10 @@ class ServeConfig:
         EngineConfig(**self.engine)  # raises on unknown or invalid engine fields
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65536), got {self.http_port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.max_queue < 0 or self.default_max_tokens < 1 or self.drain_timeout_s < 0:

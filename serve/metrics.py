@@ -1,5 +1,7 @@
 """Prometheus metrics of one server, in a registry of its own (several servers can share a
-process, as tests do). Latency histograms are in seconds; token counts are per request."""
+process, as tests do). Latency histograms are in seconds; token counts are per request.
+gRPC and HTTP requests feed the same series (``jaxllm_requests`` counts an HTTP request once,
+whatever its prompts and n); ``jaxllm_http_responses`` adds HTTP status codes."""
 
 from __future__ import annotations
 
@@ -72,6 +74,12 @@ class Metrics:
         )
         self.output_tokens = Histogram(
             "jaxllm_output_tokens", "Output tokens per request", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.http_responses = Counter(
+            "jaxllm_http_responses",
+            "HTTP responses of the OpenAI-compatible API by route and status code",
+            ["route", "status"],
+            registry=r,
         )
         self.load_seconds = Gauge("jaxllm_model_load_seconds", "Time to load the model", registry=r)
         self.warm_up_seconds = Gauge(

@@ -1,9 +1,12 @@
-"""``jaxllm serve``: wires the model, the gRPC server, health, reflection, metrics, signals.
+"""``jaxllm serve``: wires the model, the gRPC server, the OpenAI-compatible HTTP server
+(``--http-port``), health, reflection, metrics, signals.
 
-Start-up order makes readiness honest: the port is bound and health answers NOT_SERVING
-first, the model loads and compiles every shape, and only then does health say SERVING.
-On SIGTERM or SIGINT the server drains: health goes NOT_SERVING, new requests get
-UNAVAILABLE, running streams get ``drain_timeout_s`` to finish, then the process exits 0.
+Start-up order makes readiness honest: the ports are bound and health answers NOT_SERVING
+(HTTP: 503) first, the model loads and compiles every shape, and only then does health say
+SERVING. On SIGTERM or SIGINT the server drains: health goes NOT_SERVING, new requests get
+UNAVAILABLE (HTTP: 503), running streams of both front ends get ``drain_timeout_s`` to
+finish, then the process exits 0. Both front ends share one engine, one admission queue, one
+key and one metrics registry.
 """
 
 from __future__ import annotations
@@ -69,13 +72,14 @@ class Server:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.token = load_token(config)
+        self.token = config.api_key or load_token(config)
         self.metrics = Metrics()
         self.health = health_aio.HealthServicer()
         self.switch = _Switch()
         self.llm: LLM | None = None
         self.admission: Admission | None = None
-        self.port = self.metrics_port = None
+        self.port = self.metrics_port = self.http_port = None
+        self.http = None  # serve.http.HttpFrontEnd with --http-port
         self._watcher: asyncio.Future | None = None
         self.leader = None  # jaxllm.lockstep.Leader when this is process 0 of several
         limits = [
@@ -103,12 +107,19 @@ class Server:
         await self.grpc.start()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(config.host, config.metrics_port)
+        if config.http_port is not None:
+            # Imported here: FastAPI and uvicorn load only for a server that speaks HTTP.
+            from serve.http import HttpFrontEnd
+
+            self.http = HttpFrontEnd(config, self.metrics, self.token)
+            self.http_port = await self.http.start(config.host, config.http_port)
         log.info(
-            "listening on %s:%d (%s, %s), metrics on port %s; loading the model",
+            "listening on %s:%d (%s, %s), HTTP on port %s, metrics on port %s; loading the model",
             config.host,
             self.port,
             "TLS" if credentials else "plaintext",
             "bearer-token auth" if self.token else "no auth",
+            self.http_port,
             self.metrics_port,
         )
 
@@ -120,6 +131,8 @@ class Server:
         self.admission = Admission(self.llm.engine.config.max_num_seqs, self.config.max_queue)
         self.metrics.watch(self.llm.engine, self.admission)
         self.switch.target = LLMServicer(self.llm, self.config, self.admission, self.metrics)
+        if self.http is not None:
+            self.http.attach(self.llm, self.admission)
         await _set_health(self.health, _SERVING)
         self._watcher = asyncio.ensure_future(_watch_engine(self.llm, self.health))
 
@@ -137,7 +150,9 @@ class Server:
             if self.admission.in_flight:
                 log.warning("cancelling %d requests still running", self.admission.in_flight)
         # Whatever still runs is cancelled here; Health.Watch streams end here too.
-        await self.grpc.stop(grace=1.0)
+        await asyncio.gather(
+            self.grpc.stop(grace=1.0), self.http.stop() if self.http else asyncio.sleep(0)
+        )
         if self.llm is not None:
             self.llm.close()
         if self.leader is not None:
@@ -159,6 +174,9 @@ async def serve(config: ServeConfig) -> int:
     print(f"jaxllm: listening on {config.host}:{server.port}", flush=True)
     if server.metrics_port is not None:
         print(f"jaxllm: metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
+    if server.http_port is not None:
+        host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6
+        print(f"jaxllm: OpenAI API on http://{host}:{server.http_port}/v1", flush=True)
     started = time.perf_counter()
     load = asyncio.ensure_future(server.load())
     stopped = asyncio.ensure_future(stop.wait())

@@ -3,7 +3,9 @@
 The engine runs in its own threads; a request's ``on_update`` wakes this asyncio handler
 (through ``_Waker``), which sends everything decoded since its last message in one
 message. A stream that ends early for any reason (client cancel, deadline, shutdown) cancels
-its engine request, whose slot is freed at the engine's next step.
+its engine request, whose slot is freed at the engine's next step. With ``n > 1`` the RPC
+holds n engine requests (``Engine.submit_many``) and each message is one choice's
+(``GenerateResponse.index``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import grpc
 import jax.numpy as jnp
 
 from jaxllm.llm import LLM
+from jaxllm.request import Request
+from jaxllm.request_output import TokenLogprob
 from serve.admission import Admission
 from serve.config import ServeConfig
 from serve.metrics import Metrics
@@ -72,6 +76,12 @@ class LLMServicer(pb_grpc.LLMServicer):
         except InvalidRequest as e:
             self.metrics.requests.labels("invalid").inc()
             await context.abort(e.code, str(e))
+        if job.params.prompt_logprobs is not None and self.engine.mirror is not None:
+            self.metrics.requests.labels("invalid").inc()
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "sampling.prompt_logprobs: not supported on a multi-host mesh",
+            )
         refusal = self.admission.try_acquire()
         if refusal is not None:
             draining = self.admission.draining
@@ -103,60 +113,92 @@ class LLMServicer(pb_grpc.LLMServicer):
             self._waker = _Waker(asyncio.get_running_loop())
         waker, wake = self._waker, asyncio.Event()
         try:
-            request = self.engine.submit(
-                job.prompt_ids,
-                job.params,
-                request_id=job.request_id or None,
-                on_update=lambda: waker.mark(wake),
-            )
+            if job.n == 1:
+                requests = [
+                    self.engine.submit(
+                        job.prompt_ids,
+                        job.params,
+                        request_id=job.request_id or None,
+                        on_update=lambda: waker.mark(wake),
+                    )
+                ]
+            else:
+                requests = self.engine.submit_many(
+                    job.prompt_ids,
+                    job.params,
+                    job.n,
+                    request_id=job.request_id or None,
+                    on_update=lambda: waker.mark(wake),
+                )
         except RuntimeError as e:  # the engine failed or is stopping
             raise _EngineError(str(e)) from None
-        # Whichever way the RPC ends (cancel, deadline, shutdown, done), the slot is released.
-        context.add_done_callback(lambda _: request.cancel())
-        output, request_id = request.output, request.id
-        sent_ids = sent_chars = 0
-        first_at = last_at = None
+
+        def cancel_all(_=None) -> None:
+            for request in requests:
+                request.cancel()  # a no-op once finished
+
+        # Whichever way the RPC ends (cancel, deadline, shutdown, done), the slots are released.
+        context.add_done_callback(cancel_all)
+        choices = [_Choice(i, r) for i, r in enumerate(requests)]
         try:
-            while True:
+            while choices:
                 await wake.wait()
                 wake.clear()
-                # Read `done` first: once it is set, the text and ids below are final.
-                done = request.done
-                text, ids = output.text, output.token_ids[sent_ids:]
-                if done and request.error is not None:
-                    raise _EngineError(f"engine failed: {request.error}")
-                # After the first token, tokens wait until stream_interval of them are ready:
-                # each gRPC message costs the server (and client) CPU, so fewer larger messages
-                # trade some smoothness for throughput (vLLM's --stream-interval).
-                if not done and (not ids or (sent_ids and len(ids) < self._interval)):
-                    continue
-                now = time.perf_counter()
-                if ids:
-                    if first_at is None:
-                        first_at = now
-                        self.metrics.ttft.observe(now - start)
-                    else:
-                        for _ in ids:  # the gap, spread over the tokens it delivered
-                            self.metrics.itl.observe((now - last_at) / len(ids))
-                    last_at = now
-                message = pb.GenerateResponse(
-                    text=text[sent_chars:], token_ids=ids, request_id=request_id
-                )
-                sent_ids, sent_chars = sent_ids + len(ids), len(text)
-                if done:
-                    n = len(output.token_ids)
-                    message.finish_reason = output.finish_reason
-                    message.usage.prompt_tokens = len(job.prompt_ids)
-                    message.usage.completion_tokens = n
-                    self.metrics.prompt_tokens.observe(len(job.prompt_ids))
-                    self.metrics.output_tokens.observe(n)
-                    if n > 1 and first_at is not None:
-                        self.metrics.tpot.observe((last_at - first_at) / (n - 1))
+                for choice in list(choices):
+                    message = self._next_message(choice, job, start)
+                    if message is None:
+                        continue
+                    if message.finish_reason:
+                        choices.remove(choice)
                     yield message
-                    return
-                yield message
         finally:
-            request.cancel()  # a no-op once finished
+            cancel_all()
+
+    def _next_message(self, choice: _Choice, job, start: float) -> pb.GenerateResponse | None:
+        """What one choice has decoded since its last message, or None if it should wait."""
+        request, output = choice.request, choice.request.output
+        # Read `done` first: once it is set, the text and ids below are final.
+        done = request.done
+        text, ids = output.text, output.token_ids[choice.sent_ids :]
+        if done and request.error is not None:
+            raise _EngineError(f"engine failed: {request.error}")
+        # After the first token, tokens wait until stream_interval of them are ready: each
+        # gRPC message costs the server (and client) CPU, so fewer larger messages trade some
+        # smoothness for throughput (vLLM's --stream-interval).
+        if not done and (not ids or (choice.sent_ids and len(ids) < self._interval)):
+            return None
+        now = time.perf_counter()
+        if ids:
+            if choice.first_at is None:
+                choice.first_at = now
+                self.metrics.ttft.observe(now - start)
+            else:
+                for _ in ids:  # the gap, spread over the tokens it delivered
+                    self.metrics.itl.observe((now - choice.last_at) / len(ids))
+            choice.last_at = now
+        message = pb.GenerateResponse(
+            text=text[choice.sent_chars :], token_ids=ids, request_id=request.id, index=choice.index
+        )
+        params = output.params
+        if params.logprobs is not None:
+            # Logprobs are appended before their tokens: these are all there.
+            logprobs = output.logprobs[choice.sent_ids : choice.sent_ids + len(ids)]
+            message.logprobs.extend(_to_proto(lp) for lp in logprobs)
+        if params.prompt_logprobs is not None and not choice.sent_prompt_logprobs and ids:
+            message.prompt_logprobs.extend(_to_proto(lp) for lp in output.prompt_logprobs[1:])
+            choice.sent_prompt_logprobs = True
+        choice.sent_ids, choice.sent_chars = choice.sent_ids + len(ids), len(text)
+        if done:
+            n = len(output.token_ids)
+            message.finish_reason = output.finish_reason
+            message.usage.prompt_tokens = len(job.prompt_ids)
+            message.usage.completion_tokens = n
+            if choice.index == 0:  # the prompt once per RPC, however many choices
+                self.metrics.prompt_tokens.observe(len(job.prompt_ids))
+            self.metrics.output_tokens.observe(n)
+            if n > 1 and choice.first_at is not None:
+                self.metrics.tpot.observe((choice.last_at - choice.first_at) / (n - 1))
+        return message
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         limit = self.engine.config.max_seq_len * 64
@@ -199,6 +241,25 @@ class LLMServicer(pb_grpc.LLMServicer):
             prefix_cache_hit_rate=stats["prefix_hit_rate"],
             preemptions=stats["preemptions"],
         )
+
+
+class _Choice:
+    """One engine request of an RPC and how much of it has been sent."""
+
+    def __init__(self, index: int, request: Request):
+        self.index, self.request = index, request
+        self.sent_ids = self.sent_chars = 0
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.sent_prompt_logprobs = False
+
+
+def _to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
 
 
 class _EngineError(Exception):

@@ -2,7 +2,8 @@
 
 Each problem becomes an ``InvalidRequest`` naming the field, which the servicer answers with
 INVALID_ARGUMENT (or UNIMPLEMENTED for a feature this server lacks). Nothing is truncated or
-clamped silently.
+clamped silently. Chat messages are rendered by ``jaxllm.chat.chat_prompt_ids``, the one
+function every front end uses.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import math
 
 import grpc
 
+from jaxllm.chat import chat_prompt_ids
 from jaxllm.engine import Engine
-from jaxllm.sampling import SamplingParams
+from jaxllm.sampling import MAX_LOGPROBS, SamplingParams
 from jaxllm.tokenizer import Tokenizer
 from serve.config import ServeConfig
 from serve.proto import jaxllm_pb2 as pb
@@ -22,6 +24,8 @@ _MAX_REQUEST_ID_CHARS = 256
 # A prompt whose text is this many times the context can only tokenize past it; stop before
 # spending tokenizer time on it.
 _PROMPT_CHARS_PER_TOKEN = 64
+# Most completions one request may ask for (n); each is a sequence of its own in the engine.
+MAX_CHOICES = 16
 
 
 class InvalidRequest(Exception):
@@ -35,6 +39,7 @@ class Validated:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str
+    n: int = 1
 
 
 def validate(
@@ -43,6 +48,7 @@ def validate(
     """Turns a request into engine inputs, or raises InvalidRequest naming the field."""
     if len(request.request_id) > _MAX_REQUEST_ID_CHARS:
         raise InvalidRequest("request_id", f"longer than {_MAX_REQUEST_ID_CHARS} characters")
+    n = check_n(request.n or 1)
     params = sampling_params(request.sampling, engine, config)
     prompt_ids = _prompt_ids(request, engine, tokenizer)
     try:
@@ -50,15 +56,25 @@ def validate(
     except ValueError as e:
         field = "sampling.max_tokens" if "max_tokens" in str(e) else "prompt"
         raise InvalidRequest(field, str(e)) from None
-    return Validated(prompt_ids, params, request.request_id)
+    return Validated(prompt_ids, params, request.request_id, n)
+
+
+def check_n(n: int) -> int:
+    """The number of choices, in [1, MAX_CHOICES], or InvalidRequest naming ``n``."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest("n", f"must be an integer in [1, {MAX_CHOICES}], got {n!r}")
+    return n
 
 
 def _prompt_ids(request: pb.GenerateRequest, engine: Engine, tokenizer: Tokenizer) -> list[int]:
-    has_text, has_ids = bool(request.prompt), bool(request.token_ids)
-    if has_text and has_ids:
-        raise InvalidRequest("prompt", "give prompt or token_ids, not both")
-    if not (has_text or has_ids):
-        raise InvalidRequest("prompt", "empty: give prompt text or token_ids")
+    given = [bool(request.prompt), bool(request.token_ids), bool(request.messages)]
+    if sum(given) > 1:
+        raise InvalidRequest("prompt", "give one of prompt, token_ids or messages, not both")
+    if not any(given):
+        raise InvalidRequest("prompt", "empty: give prompt text, token_ids or messages")
+    if request.messages:
+        return _chat_ids(request, engine, tokenizer)
+    has_ids = given[1]
     limit, vocab = engine.config.max_seq_len - 1, engine.runner.config.vocab_size
     if has_ids:
         ids = list(request.token_ids)
@@ -82,15 +98,37 @@ def _prompt_ids(request: pb.GenerateRequest, engine: Engine, tokenizer: Tokenize
     return ids
 
 
-def sampling_params(s: pb.SamplingParams, engine: Engine, config: ServeConfig) -> SamplingParams:
-    if s.num_logprobs < 0:
-        raise InvalidRequest("sampling.num_logprobs", "must be >= 0")
-    if s.num_logprobs > 0:
+def _chat_ids(request: pb.GenerateRequest, engine: Engine, tokenizer: Tokenizer) -> list[int]:
+    limit = engine.config.max_seq_len - 1
+    chars = sum(len(m.content) + len(m.role) for m in request.messages)
+    if chars > limit * _PROMPT_CHARS_PER_TOKEN:
+        raise InvalidRequest("messages", f"longer than the context of {limit} tokens")
+    messages = [{"role": m.role, "content": m.content} for m in request.messages]
+    try:
+        ids = chat_prompt_ids(tokenizer, messages)
+    except ValueError as e:
+        raise InvalidRequest("messages", str(e)) from None
+    if len(ids) > limit:
         raise InvalidRequest(
-            "sampling.num_logprobs",
-            "log-probabilities are not supported by this server yet",
-            grpc.StatusCode.UNIMPLEMENTED,
+            "messages",
+            f"{len(ids)} tokens once rendered, more than the maximum of {limit}; "
+            "prompts are never truncated",
         )
+    return ids
+
+
+def _logprobs(wanted: bool, k: int, field: str) -> int | None:
+    """SamplingParams' logprobs value for a (bool, count) pair of proto fields."""
+    if not 0 <= k <= MAX_LOGPROBS:
+        raise InvalidRequest(field, f"must be in [0, {MAX_LOGPROBS}], got {k}")
+    return k if wanted or k > 0 else None
+
+
+def sampling_params(s: pb.SamplingParams, engine: Engine, config: ServeConfig) -> SamplingParams:
+    logprobs = _logprobs(s.logprobs, s.num_logprobs, "sampling.num_logprobs")
+    prompt_logprobs = _logprobs(
+        s.prompt_logprobs, s.num_prompt_logprobs, "sampling.num_prompt_logprobs"
+    )
     if s.max_tokens < 0:
         raise InvalidRequest(
             "sampling.max_tokens", f"must be >= 0 (0 = default), got {s.max_tokens}"
@@ -125,6 +163,8 @@ def sampling_params(s: pb.SamplingParams, engine: Engine, config: ServeConfig) -
             stop=tuple(s.stop),
             stop_token_ids=tuple(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as e:
         # SamplingParams names the offending field first ("top_p must be in ...").

@@ -34,7 +34,9 @@ def llm(model_dir):
     # KV heads over tensor, the pool's pages replicated over data: the sharded pool runs.
     llm = jaxllm.LLM.load(model_dir, mesh={"data": 2, "tensor": 4}, warm_up=False, start=False)
     # A pool of 320 tokens: four running requests of ~100 tokens already preempt each other.
-    llm.engine = new_engine(llm, kv_cache_bytes=POOL_TOKENS * bytes_per_token(llm))
+    llm.engine = new_engine(
+        llm, kv_cache_bytes=POOL_TOKENS * bytes_per_token(llm), warm_up_prompt_logprobs=True
+    )
     with llm:
         yield llm
 
@@ -53,9 +55,12 @@ def engine(llm):
     check_no_leak(llm.engine)
 
 
-def new_engine(llm, warm_up=True, **options) -> Engine:
+def new_engine(llm, warm_up=True, warm_up_prompt_logprobs=False, **options) -> Engine:
     config = EngineConfig(**{**OPTIONS, **options})
-    return Engine(llm.runner, llm.tokenizer, config).start(warm_up=warm_up)
+    engine = Engine(
+        llm.runner, llm.tokenizer, config, warm_up_prompt_logprobs=warm_up_prompt_logprobs
+    )
+    return engine.start(warm_up=warm_up)
 
 
 def prompts(n, seed, shared_prefix=0, longest=120):
@@ -159,17 +164,24 @@ def random_params(rng: random.Random, prompt_len: int) -> SamplingParams:
         min_p=rng.choice([0.0, 0.0, 0.1]),
         seed=rng.choice([None, rng.randrange(2**40)]),
         stop=rng.choice([(), ("a",), ("\n", "xyz")]),
+        logprobs=rng.choice([None, None, 0, 3, 20]),
+        prompt_logprobs=None if rng.random() < 0.9 else rng.choice([0, 5]),
     )
 
 
 def run_mixed(engine, count, seed, cancel_fraction):
-    """``count`` requests (shared prefixes, chunked prompts, random sampling), submitted in
-    bursts; ``cancel_fraction`` of them cancelled at random moments from other threads."""
+    """``count`` requests (shared prefixes, chunked prompts, random sampling, logprobs, some
+    with n > 1), submitted in bursts; ``cancel_fraction`` of them cancelled at random moments
+    from other threads."""
     rng = random.Random(seed)
     requests, cancellers = [], []
     for ids in prompts(count, seed, shared_prefix=rng.choice([0, 24]), longest=48):
-        request = engine.submit(ids, random_params(rng, len(ids)))
-        requests.append(request)
+        params = random_params(rng, len(ids))
+        if rng.random() < 0.05:
+            requests += engine.submit_many(ids, params, rng.choice([2, 3]))
+        else:
+            requests.append(engine.submit(ids, params))
+        request = requests[-1]
         if rng.random() < cancel_fraction:
             delay = rng.choice([0, 0.001, 0.005, 0.02, 0.1])
             timer = threading.Timer(delay, request.cancel)
@@ -195,6 +207,12 @@ def test_no_compilation_after_warm_up(engine):
     assert stats["preemptions"] > stats_before["preemptions"], stats
     assert stats["prefix_hit_tokens"] > stats_before["prefix_hit_tokens"], stats
     assert sum(o.finish_reason != "cancelled" for o in outputs) > 400
+    finished = [o for o in outputs if o.finish_reason != "cancelled"]
+    for o in finished:
+        assert len(o.logprobs) == (len(o.token_ids) if o.params.logprobs is not None else 0)
+        if o.params.prompt_logprobs is not None:
+            assert o.prompt_logprobs[0] is None and all(o.prompt_logprobs[1:])
+    assert any(o.logprobs for o in finished) and any(o.prompt_logprobs for o in finished)
 
 
 def test_cancels_never_leak_pages(engine):

@@ -286,3 +286,34 @@ def test_candidate_count_is_below_test_vocab():
 
 def test_params_accept_ints_for_floats():
     assert P(temperature=0, top_p=1, min_p=0).temperature == 0  # the usual way to ask for greedy
+
+
+def test_logprobs_are_of_the_distribution_drawn_from_and_the_tokens_unchanged():
+    """Every kind of row in MIXED: the token's logprob and the top 20 are those of the
+    reference distribution (greedy rows: the unmodified one); the tokens are `sample`'s."""
+    logits = jnp.asarray(_random_logits(3, B))
+    params = [dataclasses.replace(p, logprobs=20) for p in MIXED]
+    arrays = SamplingArrays.from_params(params, range(B))
+    steps = jnp.arange(B, dtype=jnp.int32)
+    fn = jax.jit(sampling.sample_with_logprobs)
+    assert " sort(" not in fn.lower(logits, arrays, steps).compile().as_text()
+    out = fn(logits, arrays, steps)
+    np.testing.assert_array_equal(out.tokens, sample(logits, arrays, steps))
+    for b, p in enumerate(params):
+        greedy = p.temperature == 0
+        row = np.asarray(logits[b])
+        probs = reference_probs(row, dataclasses.replace(p, temperature=1.0) if greedy else p)
+        with np.errstate(divide="ignore"):
+            ref = np.log(probs)
+        token = int(out.tokens[b])
+        assert float(out.logprob[b]) == pytest.approx(ref[token], abs=1e-5)
+        top_ids = np.asarray(out.top_ids[b])
+        np.testing.assert_array_equal(top_ids, np.argsort(-row, kind="stable")[:20])
+        np.testing.assert_allclose(np.asarray(out.top_logprobs[b]), ref[top_ids], atol=1e-5)
+
+
+def test_logprobs_are_skipped_when_no_row_asks():
+    logits = jnp.asarray(_random_logits(4, B))
+    arrays = SamplingArrays.from_params(MIXED, range(B))
+    out = jax.jit(sampling.sample_with_logprobs)(logits, arrays, jnp.zeros(B, jnp.int32))
+    assert not np.asarray(out.top_logprobs).any() and not np.asarray(out.logprob).any()

@@ -216,7 +216,9 @@ def test_a_burst_beyond_capacity_is_refused_at_once(server, client):
         (dict(prompt="a", seed=2**64 - 1), "INVALID_ARGUMENT", "sampling.seed"),
         (dict(prompt="a", stop=[""]), "INVALID_ARGUMENT", "sampling.stop"),
         (dict(prompt="a", stop_token_ids=[-1]), "INVALID_ARGUMENT", "sampling.stop_token_ids"),
-        (dict(prompt="a", num_logprobs=2), "UNIMPLEMENTED", "sampling.num_logprobs"),
+        (dict(prompt="a", num_logprobs=21), "INVALID_ARGUMENT", "sampling.num_logprobs"),
+        (dict(prompt="a", num_logprobs=-1), "INVALID_ARGUMENT", "sampling.num_logprobs"),
+        (dict(prompt="a", num_prompt_logprobs=99), "INVALID_ARGUMENT", "num_prompt_logprobs"),
     ],
 )
 def test_bad_requests_name_the_field(server, request_kwargs, code, field):
@@ -242,7 +244,7 @@ _text = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)  # vali
 
 
 _FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop")
-_FIELDS += ("stop_token_ids", "num_logprobs", "request_id")
+_FIELDS += ("stop_token_ids", "num_logprobs", "request_id", "n")
 
 
 @st.composite
@@ -267,7 +269,8 @@ def _generate_requests(draw):
             st.lists(_int32, max_size=70),
         ),
         ignore_eos=draw(st.booleans()),
-        num_logprobs=pick("num_logprobs", st.just(0), st.integers(-2, 2)),
+        num_logprobs=pick("num_logprobs", st.integers(0, 20), st.integers(-2, 22) | _int32),
+        logprobs=draw(st.booleans()),
     )
     temperature = pick("temperature", st.none() | st.floats(0, 2, width=32), optional_float)
     top_p = pick("top_p", st.none() | st.floats(0.125, 1, width=32), optional_float)
@@ -282,14 +285,15 @@ def _generate_requests(draw):
     wild_prompt = st.tuples(st.just("") | _text, st.just([]) | st.lists(_int32, max_size=140))
     prompt, token_ids = pick("prompt", valid_prompt, wild_prompt)
     request_id = pick("request_id", st.just("") | st.text(max_size=20), _text)
+    n = pick("n", st.integers(0, 3), _int32)
     return pb.GenerateRequest(
-        prompt=prompt, token_ids=token_ids, sampling=sampling, request_id=request_id
+        prompt=prompt, token_ids=token_ids, sampling=sampling, request_id=request_id, n=n
     )
 
 
 _CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.UNIMPLEMENTED,  # num_logprobs > 0
+    grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
@@ -309,10 +313,15 @@ def test_fuzzed_requests_get_ok_or_a_client_error_and_the_server_stays_healthy(s
                 seen.add(e.code())
                 return
             seen.add(grpc.StatusCode.OK)
-            last = messages[-1]
-            assert last.finish_reason in ("stop", "length")
-            assert last.usage.completion_tokens == sum(len(m.token_ids) for m in messages)
-            assert all(not m.finish_reason for m in messages[:-1])
+            assert {m.index for m in messages} == set(range(request.n or 1))
+            for index in range(request.n or 1):
+                mine = [m for m in messages if m.index == index]
+                last = mine[-1]
+                assert last.finish_reason in ("stop", "length")
+                assert last.usage.completion_tokens == sum(len(m.token_ids) for m in mine)
+                assert all(not m.finish_reason for m in mine[:-1])
+                wants = request.sampling.logprobs or request.sampling.num_logprobs > 0
+                assert all(len(m.logprobs) == len(m.token_ids) * wants for m in mine)
 
         check()
         assert health(channel) == "SERVING"

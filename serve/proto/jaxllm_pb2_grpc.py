@@ -64,8 +64,10 @@ class LLMServicer:
     """
 
     def Generate(self, request, context):
-        """Streams the completion of one prompt. Every message carries the newly decoded text and
-        token ids; the last one also carries finish_reason and usage.
+        """Streams the completion of one prompt (text, token ids, or chat messages rendered with the
+        model's chat template). Every message carries the newly decoded text and token ids of one
+        choice (`index`); a choice's last message also carries its finish_reason and usage. With
+        n > 1 the messages of the n choices interleave.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
