@@ -34,6 +34,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 _NUM_CANDIDATES = 64
+_ARGMAX_BLOCK = 32
 # Most alternatives a request may ask for per token (OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
 # Temperatures below this draw greedily, as in vLLM: the scaled logits would be all but one-hot.
@@ -214,6 +215,22 @@ def _draw_full(s: Array, m: Array, thr: Array, u: Array) -> Array:
     return idx
 
 
+def _argmax(logits: Float[Array, "B V"]) -> Int[Array, " B"]:
+    """``jnp.argmax`` over V (ties to the lowest index), in two levels: the block of
+    ``_ARGMAX_BLOCK`` logits holding the maximum, then the maximum within it. XLA:CPU runs one
+    (value, index) reduction over all of V about 13x slower (6 ms against 0.45 ms for
+    72 x 32,000 here); the maxima of the blocks are a plain, fast reduction."""
+    B, vocab = logits.shape
+    blocks = -(-vocab // _ARGMAX_BLOCK)
+    padded = jnp.pad(
+        logits, ((0, 0), (0, blocks * _ARGMAX_BLOCK - vocab)), constant_values=-jnp.inf
+    )
+    padded = padded.reshape(B, blocks, _ARGMAX_BLOCK)
+    block = jnp.argmax(jnp.max(padded, axis=-1), axis=-1)  # [B]: the first block with the max
+    within = jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0]  # [B, block]
+    return (block * _ARGMAX_BLOCK + jnp.argmax(within, axis=-1)).astype(jnp.int32)
+
+
 def _when(pred: Array, fn, otherwise: Array) -> Array:
     """fn() if pred else `otherwise`, to skip a pass over V that no row needs. Callers read
     fn's value only in rows whose own condition makes pred true, so no row depends on this."""
@@ -287,7 +304,7 @@ def _draw(logits: Array, params: SamplingArrays, step: Array) -> tuple[Array, Ar
 
     def all_greedy():
         ones = jnp.ones(greedy.shape, jnp.float32)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), ones, jnp.full_like(ones, -jnp.inf)
+        return _argmax(logits), ones, jnp.full_like(ones, -jnp.inf)
 
     return lax.cond(jnp.all(greedy), all_greedy, lambda: _sample_rows(logits, params, step, greedy))
 
@@ -359,7 +376,7 @@ def _sample_rows(
         return jnp.where(from_cand, cand_tokens, _draw_full(s, m, final, u)), final
 
     sampled, final = lax.cond(jnp.all(from_cand), lambda: (cand_tokens, thr), full_vocab)
-    argmax = _when(jnp.any(greedy), lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+    argmax = _when(jnp.any(greedy), lambda: _argmax(logits), sampled)
     tokens = jnp.where(greedy, argmax, sampled)
     return tokens, temp_row, jnp.where(greedy, -jnp.inf, final)
 

@@ -177,6 +177,18 @@ def test_greedy_is_argmax_with_ties_to_lowest_index():
     assert (tokens[:, 1] == 3).all() and (tokens[:, 2] == 9).all()
 
 
+@pytest.mark.parametrize("vocab", [31, 32, 1000, 50257])
+def test_two_level_argmax_is_numpy_argmax(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((6, vocab)).astype(np.float32)
+    logits[1, [vocab - 1, vocab // 2]] = 9.0  # a tie: the lower index wins
+    logits[2, :] = -np.inf
+    logits[2, vocab - 1] = 0.0  # the only finite logit, in the padded last block
+    logits[3, : vocab // 2] = -np.inf
+    got = np.asarray(jax.jit(sampling._argmax)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+
+
 def test_top_k_1_is_greedy():
     logits = _random_logits(3, B)
     params = [P(temperature=t, top_k=1) for t in (0.1, 0.5, 1.0, 1.5, 2.0, 5.0, 50.0, 100.0)]
