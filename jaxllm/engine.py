@@ -1,7 +1,7 @@
 """The engine loop: many requests share one model through a paged KV pool.
 
 One request's way through:
-  ``submit`` (checked, queued in the inbox) -> engine thread, every step:
+  ``submit`` (checked, queued in ``jaxllm.intake``) -> engine thread, every step:
   ``Scheduler.schedule`` (which decodes and prompt chunks run, which pages they use) ->
   ``step.build`` (numpy arrays) -> ``run_step`` (one jitted call: model over the step's
   tokens, paged attention, sampling; pool donated) -> ``Scheduler.update`` (append tokens,
@@ -13,7 +13,8 @@ asked (``jaxllm.sampling.sample_with_logprobs``), the engine thread copies them 
 only then, and the detokenizer thread builds each ``TokenLogprob`` before it pushes the
 token. Prompt logprobs come from a dense scoring pass (``jaxllm.scoring``) run on the engine
 thread before the request is scheduled. ``submit_many`` (n > 1) holds choices 1..n-1 back
-until choice 0 has computed its prompt, so they start from its cached pages.
+until choice 0 has computed its prompt, so they start from its cached pages. Both wait in
+``jaxllm.intake`` until the scheduler may have them.
 
 A request's state changes only on the engine thread; ``Request.cancel`` from any thread just
 marks it, and the next step frees its pages. If the engine thread dies, every queued and
@@ -23,7 +24,6 @@ turns NOT_SERVING) rather than anything hanging.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import queue
@@ -33,11 +33,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import jax
 import numpy as np
 
-from jaxllm import kv_cache, step
-from jaxllm.engine_config import ACCELERATOR_KV_FRACTION, CPU_DEFAULT_KV_BYTES, EngineConfig
+from jaxllm import step
+from jaxllm.compiles import CompileCounter
+from jaxllm.engine_config import EngineConfig, pool_pages
+from jaxllm.intake import Intake
 from jaxllm.kv_pages import KVPages
 from jaxllm.request import Request
 from jaxllm.request_output import RequestOutput, TokenLogprob
@@ -48,29 +49,9 @@ from jaxllm.scheduler import Sequence as SchedSequence
 from jaxllm.scoring import PromptScorer
 from jaxllm.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineConfig"]
+__all__ = ["CompileCounter", "Engine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
-
-
-class CompileCounter:
-    """Counts XLA compilations in this process (jax.monitoring's backend-compile event)."""
-
-    count = 0
-    _installed = False
-    _lock = threading.Lock()
-
-    @classmethod
-    def install(cls) -> None:
-        with cls._lock:
-            if not cls._installed:
-                jax.monitoring.register_event_duration_secs_listener(cls._on_event)
-                cls._installed = True
-
-    @classmethod
-    def _on_event(cls, event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            cls.count += 1
 
 
 class Mirror(Protocol):
@@ -78,39 +59,6 @@ class Mirror(Protocol):
     multi-host mesh can run the same step (``jaxllm.lockstep.Leader``)."""
 
     def step(self, inp: step.StepInput) -> None: ...
-
-
-def pool_pages(runner: ModelRunner, config: EngineConfig) -> int:
-    """Pages of the KV pool: ``kv_cache_bytes`` if given; else on a one-process mesh whose
-    backend reports memory, a fraction of what is free; else (CPU, multi-process) enough for
-    ``max_num_seqs`` full-length sequences, at most ``CPU_DEFAULT_KV_BYTES``."""
-    cfg = runner.config
-    dtype = config.kv_cache_dtype or runner.spec.dtype
-    per_token = kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
-    per_page = per_token * config.page_size
-    budget = config.kv_cache_bytes
-    mesh = runner.spec.mesh
-    if budget is None:
-        # Processes of a multi-host mesh must agree on the pool (their steps are one program),
-        # and each sees only its own devices' free memory: they use the fixed rule below.
-        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-        single_process = len(local) == mesh.devices.size
-        stats = (local[0].memory_stats() or {}) if single_process else {}
-        if "bytes_limit" in stats:
-            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            # The pool's heads are split over the mesh; each device holds its share.
-            budget = int(free * ACCELERATOR_KV_FRACTION) * mesh.devices.size
-        else:
-            need = config.max_num_seqs * config.max_pages_per_seq * per_page
-            budget = min(need, CPU_DEFAULT_KV_BYTES)
-    pages = budget // per_page
-    if pages < config.max_pages_per_seq:
-        raise ValueError(
-            f"a KV pool of {budget} bytes holds {pages} pages of {config.page_size} tokens "
-            f"({per_page} bytes each), fewer than one {config.max_seq_len}-token sequence "
-            f"needs ({config.max_pages_per_seq}); raise kv_cache_bytes or lower max_seq_len"
-        )
-    return int(pages)
 
 
 # What the engine thread hands the detokenizer per new token: the request, the token, and
@@ -144,12 +92,7 @@ class Engine:
         )
         self._step = step.StepFunction(runner, config, self.pool)
         self._scorer = PromptScorer(runner, config.max_seq_len, config.kv_cache_dtype)
-        self._inbox: collections.deque[SchedSequence] = collections.deque()
-        # Requests waiting for their prompt logprobs (scored on the engine thread, then
-        # queued), and choices 1..n-1 of an n > 1 request, held until choice 0 (the first in
-        # each pair) has computed the prompt.
-        self._to_score: collections.deque[SchedSequence] = collections.deque()
-        self._held: list[tuple[SchedSequence, list[SchedSequence]]] = []
+        self._intake = Intake()  # submitted, not yet given to the scheduler (under _wake)
         self._wake = threading.Condition()
         self._handoff: queue.SimpleQueue[list[_Handoff] | None] = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -203,7 +146,7 @@ class Engine:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = self._sequence(prompt_ids, params, seed, request_id, on_update)
         with self._wake:
-            self._enqueue(seq)
+            self._intake.put(seq)
             self._wake.notify_all()
         return seq.payload
 
@@ -236,12 +179,12 @@ class Engine:
             for i in range(n)
         ]
         with self._wake:
-            self._enqueue(seqs[0])
+            self._intake.put(seqs[0])
             if self.config.prefix_caching and n > 1:
-                self._held.append((seqs[0], seqs[1:]))
+                self._intake.hold(seqs[0], seqs[1:])
             else:
                 for seq in seqs[1:]:
-                    self._enqueue(seq)
+                    self._intake.put(seq)
             self._wake.notify_all()
         return [seq.payload for seq in seqs]
 
@@ -277,11 +220,6 @@ class Engine:
             payload=request,
         )
 
-    def _enqueue(self, seq: SchedSequence) -> None:
-        """Into the inbox, or first to the scorer if it wants prompt logprobs (hold _wake)."""
-        wants_scores = seq.payload.output.params.prompt_logprobs is not None
-        (self._to_score if wants_scores else self._inbox).append(seq)
-
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         ids = [int(t) for t in prompt_ids]
         context, vocab = self.config.max_seq_len, self.runner.config.vocab_size
@@ -307,8 +245,7 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        held = sum(len(followers) for _, followers in self._held)
-        return len(self.scheduler.waiting) + len(self._inbox) + len(self._to_score) + held
+        return len(self.scheduler.waiting) + len(self._intake)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -344,7 +281,7 @@ class Engine:
         """Blocks until no request is queued or running (finished ones are freed)."""
         deadline = time.monotonic() + timeout
         with self._wake:
-            while self._inbox or self._to_score or self._held or not self.scheduler.idle:
+            while len(self._intake) or not self.scheduler.idle:
                 if self.failure is not None:
                     raise RuntimeError(f"engine failed: {self.failure}")
                 if time.monotonic() > deadline:
@@ -398,12 +335,11 @@ class Engine:
         self._score_prompts()
         with self._wake:
             while True:
-                self._release_held()
-                while self._inbox:
-                    self.scheduler.add(self._inbox.popleft())
+                for seq in self._intake.take_ready():
+                    self.scheduler.add(seq)
                 if self._stopping:
                     return False
-                if self._to_score:
+                if self._intake.scoring:
                     return True  # score them first (outside the lock)
                 plan = self.scheduler.schedule()
                 if not plan.empty:
@@ -439,9 +375,9 @@ class Engine:
         """Fills the prompt logprobs of requests that asked, then queues them (engine thread)."""
         while True:
             with self._wake:
-                if not self._to_score or self._stopping:
-                    return
-                seq = self._to_score.popleft()
+                seq = None if self._stopping else self._intake.next_to_score()
+            if seq is None:
+                return
             request = seq.payload
             if not request.done:
                 k = request.output.params.prompt_logprobs
@@ -451,27 +387,7 @@ class Engine:
                     request._finish("error", e)
                     raise
             with self._wake:
-                self._inbox.append(seq)
-
-    def _release_held(self) -> None:
-        """Queues the held choices of an n > 1 request once its first choice has computed
-        its prompt (it has a token) or ended (hold _wake)."""
-        if not self._held:
-            return
-        keep = []
-        for leader, followers in self._held:
-            if leader.num_generated == 0 and not leader.finished and not leader.done():
-                keep.append((leader, followers))
-                continue
-            scores = leader.payload.output.prompt_logprobs
-            for seq in followers:
-                output = seq.payload.output
-                if output.params.prompt_logprobs is not None and len(scores) == seq.num_prompt:
-                    output.prompt_logprobs = list(scores)  # the same prompt: scored once
-                    self._inbox.append(seq)
-                else:
-                    self._enqueue(seq)
-        self._held = keep
+                self._intake.scored(seq)
 
     def _detokenize_loop(self) -> None:
         while (batch := self._handoff.get()) is not None:
@@ -495,12 +411,8 @@ class Engine:
         if record:
             self.failure = error
         with self._wake:
-            held = [s for _, followers in self._held for s in followers]
-            queued = [*self._inbox, *self._to_score, *held, *self.scheduler.abort_all()]
+            queued = [*self._intake.drain(), *self.scheduler.abort_all()]
             pending = [s.payload for s in queued]
-            self._inbox.clear()
-            self._to_score.clear()
-            self._held.clear()
             self._wake.notify_all()
         for request in pending:
             request._finish("error", error)

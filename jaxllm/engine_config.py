@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
+
+import jax
 
 from jaxllm import kv_cache, padding
+
+if TYPE_CHECKING:
+    from jaxllm.runtime import ModelRunner
 
 # Default KV pool where the backend reports no memory figure (CPU): enough for every
 # sequence at full length, at most this many bytes.
@@ -87,3 +93,36 @@ class EngineConfig:
     def step_shapes(self) -> tuple[tuple[int, int], ...]:
         """Every (decode rows, prefill rows) a step can take: what warm-up compiles."""
         return tuple((d, p) for d in self.decode_buckets for p in self.prefill_buckets)
+
+
+def pool_pages(runner: ModelRunner, config: EngineConfig) -> int:
+    """Pages of the KV pool: ``kv_cache_bytes`` if given; else on a one-process mesh whose
+    backend reports memory, a fraction of what is free; else (CPU, multi-process) enough for
+    ``max_num_seqs`` full-length sequences, at most ``CPU_DEFAULT_KV_BYTES``."""
+    cfg = runner.config
+    dtype = config.kv_cache_dtype or runner.spec.dtype
+    per_token = kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    per_page = per_token * config.page_size
+    budget = config.kv_cache_bytes
+    mesh = runner.spec.mesh
+    if budget is None:
+        # Processes of a multi-host mesh must agree on the pool (their steps are one program),
+        # and each sees only its own devices' free memory: they use the fixed rule below.
+        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        single_process = len(local) == mesh.devices.size
+        stats = (local[0].memory_stats() or {}) if single_process else {}
+        if "bytes_limit" in stats:
+            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            # The pool's heads are split over the mesh; each device holds its share.
+            budget = int(free * ACCELERATOR_KV_FRACTION) * mesh.devices.size
+        else:
+            need = config.max_num_seqs * config.max_pages_per_seq * per_page
+            budget = min(need, CPU_DEFAULT_KV_BYTES)
+    pages = budget // per_page
+    if pages < config.max_pages_per_seq:
+        raise ValueError(
+            f"a KV pool of {budget} bytes holds {pages} pages of {config.page_size} tokens "
+            f"({per_page} bytes each), fewer than one {config.max_seq_len}-token sequence "
+            f"needs ({config.max_pages_per_seq}); raise kv_cache_bytes or lower max_seq_len"
+        )
+    return int(pages)
