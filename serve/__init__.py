@@ -1,7 +1,9 @@
-"""serve: the gRPC front end of jaxllm (``jaxllm serve``), its proto, client and metrics.
+"""serve: the front ends of jaxllm (``jaxllm serve``): gRPC with its proto and client, the
+OpenAI-compatible HTTP API (``--http-port``), and the metrics both share.
 
 Only the client is re-exported here, so ``from serve import Client`` does not load JAX; the
-server lives in ``serve.server`` (``Server``, ``serve``) and its settings in ``serve.config``.
+server lives in ``serve.server`` (``Server``, ``serve``), the HTTP API in ``serve.http``, and
+their settings in ``serve.config``.
 """
 
 from serve.client import AsyncClient, Client, Result

@@ -2,7 +2,7 @@
 
     jaxllm serve [--model PATH] [--config configs/demo.yaml] [--mesh data=2,tensor=4]
                  [--host 127.0.0.1] [--port 50051] [--metrics-port 9090] [--http-port 8000]
-                 [--api-key KEY]
+                 [--api-key KEY] [--warm-up-prompt-logprobs]
                  [--tls-cert CERT --tls-key KEY] [--auth-token-file FILE]
     jaxllm generate --server HOST:PORT [sampling flags] PROMPT
     jaxllm serve --coordinator HOST:PORT --num-processes N --process-id I ...   (multi-host)
@@ -19,8 +19,12 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from jaxllm import cli as model_cli
+
+if TYPE_CHECKING:
+    from serve.config import ServeConfig
 
 # Multi-host start-up flags and the variables they fall back to (launch scripts and the
 # Kubernetes manifests set these; TPU pods and SLURM need none: --distributed detects them).
@@ -58,14 +62,16 @@ def _setup_logging() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-def _serve(args) -> int:
-    from jaxllm import distributed
+def serve_config(args) -> ServeConfig:
+    """The ``serve`` command's settings: the ``--config`` file (or the defaults), then the
+    flags given."""
     from serve.config import ServeConfig
 
     config = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
     flags = {
         name: getattr(args, name)
-        for name in ("model", "mesh", "dtype", "rules", "quantize", "host", "port")
+        for name in ("model", "mesh", "dtype", "rules", "quantize", "warm_up_prompt_logprobs")
+        + ("host", "port")
         + ("metrics_port", "http_port", "served_model_name", "api_key")
         + ("max_queue", "tls_cert", "tls_key", "auth_token_file", "drain_timeout_s")
         + ("stream_interval", "sample_prompt", "peer_timeout_s", "lockstep_port")
@@ -80,7 +86,13 @@ def _serve(args) -> int:
         + ("kv_cache_dtype", "page_size")
         if getattr(args, name) is not None
     }
-    config = config.replace(engine=engine, **flags)
+    return config.replace(engine=engine, **flags)
+
+
+def _serve(args) -> int:
+    from jaxllm import distributed
+
+    config = serve_config(args)
     _setup_logging()
     # Before anything touches a device: afterwards jax.devices() spans every process.
     distributed.initialize(config.distributed_config)
@@ -193,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' on HTTP and gRPC (or use --auth-token-file)",
+    )
+    srv.add_argument(
+        "--warm-up-prompt-logprobs",
+        action="store_true",
+        default=None,
+        help="compile prompt-logprob scoring (HTTP echo+logprobs, gRPC prompt_logprobs) for "
+        "every power-of-two prompt-length bucket at start-up: longer start-up. Without it the "
+        "first such request of each bucket compiles on the engine thread, stalling every "
+        "stream meanwhile",
     )
     srv.add_argument("--max-num-seqs", type=int, help="sequences running at once (default 64)")
     srv.add_argument(

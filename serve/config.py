@@ -1,8 +1,9 @@
 """``ServeConfig``: everything ``jaxllm serve`` needs, from defaults, a YAML file and flags.
 
 A YAML file in ``configs/`` only overrides defaults; its ``engine:`` section holds
-``EngineConfig`` fields (``max_num_seqs``, ``max_seq_len``, ...). Unknown keys are errors, so a
-typo never silently does nothing.
+``EngineConfig`` fields (``max_num_seqs``, ``max_seq_len``, ...), while the other ``LLM.load``
+options (``mesh``, ``dtype``, ``rules``, ``quantize``, ``warm_up_prompt_logprobs``) are top-level
+keys. Unknown keys are errors, so a typo never silently does nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ class ServeConfig:
     dtype: str | None = None
     rules: str | None = None
     quantize: str | None = None  # "int8": int8 weights (see jaxllm.quantize)
+    # Compile the prompt-scoring pass (prompt logprobs: HTTP echo + logprobs, gRPC
+    # prompt_logprobs) for every prompt-length bucket at start-up. Off, the first such request
+    # of each bucket compiles on the engine thread and stalls every stream meanwhile. Of no
+    # use on several processes, which refuse prompt logprobs.
+    warm_up_prompt_logprobs: bool = False
     engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # EngineConfig fields
     host: str = "127.0.0.1"  # loopback unless asked: the API has no auth by default
     port: int = 50051
@@ -110,6 +116,7 @@ class ServeConfig:
         """``LLM.load`` keyword arguments besides the path. Every process of a multi-host
         server loads with these: they decide which programs it compiles."""
         options = dict(mesh=self.mesh, dtype=self.dtype, rules=self.rules, quantize=self.quantize)
+        options["warm_up_prompt_logprobs"] = self.warm_up_prompt_logprobs
         return {**options, **self.engine}
 
     @property

@@ -1,8 +1,8 @@
 """The ``jaxllm.v1.LLM`` service: turns RPCs into engine requests and streams tokens back.
 
 The engine runs in its own threads; a request's ``on_update`` wakes this asyncio handler
-(through ``_Waker``), which sends everything decoded since its last message in one
-message. A stream that ends early for any reason (client cancel, deadline, shutdown) cancels
+(through ``serve.wakeup.Waker``), which sends everything decoded since its last message in
+one message. A stream that ends early for any reason (client cancel, deadline, shutdown) cancels
 its engine request, whose slot is freed at the engine's next step. With ``n > 1`` the RPC
 holds n engine requests (``Engine.submit_many``) and each message is one choice's
 (``GenerateResponse.index``).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 import grpc
@@ -27,46 +26,17 @@ from serve.metrics import Metrics
 from serve.proto import jaxllm_pb2 as pb
 from serve.proto import jaxllm_pb2_grpc as pb_grpc
 from serve.validation import InvalidRequest, validate
+from serve.wakeup import Waker
 from sharding import describe_mesh
 
 log = logging.getLogger(__name__)
-
-
-class _Waker:
-    """Wakes asyncio handlers from the engine's threads with one loop callback per burst.
-
-    The detokenizer pushes a token to every running request per step; a
-    ``call_soon_threadsafe`` each would cost a self-pipe write and a loop wake-up per token
-    and stream, all CPU taken from the model on a host that also computes. Events marked
-    while a flush is pending ride along with it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._marked: set[asyncio.Event] = set()
-        self._scheduled = False
-
-    def mark(self, event: asyncio.Event) -> None:
-        with self._lock:
-            self._marked.add(event)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        with self._lock:
-            marked, self._marked, self._scheduled = self._marked, set(), False
-        for event in marked:
-            event.set()
 
 
 class LLMServicer(pb_grpc.LLMServicer):
     def __init__(self, llm: LLM, config: ServeConfig, admission: Admission, metrics: Metrics):
         self.llm, self.engine, self.config = llm, llm.engine, config
         self.admission, self.metrics = admission, metrics
-        self._waker: _Waker | None = None  # made on the serving loop, at the first request
+        self._waker: Waker | None = None  # made on the serving loop, at the first request
         self._interval = config.stream_interval
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -110,7 +80,7 @@ class LLMServicer(pb_grpc.LLMServicer):
 
     async def _stream(self, job, context: grpc.aio.ServicerContext, start: float):
         if self._waker is None:
-            self._waker = _Waker(asyncio.get_running_loop())
+            self._waker = Waker(asyncio.get_running_loop())
         waker, wake = self._waker, asyncio.Event()
         try:
             if job.n == 1:

@@ -186,7 +186,9 @@ def test_indexed_job_manifest_wires_processes_to_process_0():
     # Clients reach process 0 only, on the port it serves.
     assert front["spec"]["selector"]["batch.kubernetes.io/job-completion-index"] == "0"
     args = _serve_args(container, {})
-    assert {p["port"] for p in front["spec"]["ports"]} == {args.port, args.metrics_port}
+    ports = {p["name"]: p["port"] for p in front["spec"]["ports"]}
+    assert ports == {"grpc": args.port, "http": args.http_port, "metrics": args.metrics_port}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}.items() >= ports.items()
     assert args.host == "0.0.0.0"
 
 
@@ -207,6 +209,9 @@ def test_leaderworkerset_manifest_gives_every_pod_its_place():
     assert lead.model == follow.model and lead.mesh == follow.mesh  # one program
     probe = leader["readinessProbe"]["grpc"]
     assert probe == {"port": lead.port, "service": "jaxllm.v1.LLM"}
+    ports = {p["name"]: p["port"] for p in front["spec"]["ports"]}
+    assert ports == {"grpc": lead.port, "http": lead.http_port, "metrics": lead.metrics_port}
+    assert {p["name"]: p["containerPort"] for p in leader["ports"]}.items() >= ports.items()
     assert front["spec"]["clusterIP"] == "None"
     labels = template["leaderTemplate"]["metadata"]["labels"]
     assert front["spec"]["selector"].items() <= labels.items()

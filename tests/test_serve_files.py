@@ -75,3 +75,30 @@ def test_flags_override_the_file_and_engine_fields_merge(tmp_path):
 
 def test_gen_proto_script_is_executable():
     assert shutil.which("bash") and os.access(REPO / "scripts/gen_proto.sh", os.X_OK)
+
+
+def test_warm_up_prompt_logprobs_reaches_the_engine(tmp_path, monkeypatch):
+    """The YAML key and the flag both become the engine's setting through the server's own
+    load; a file's true survives a command line without the flag."""
+    from jaxllm.engine import Engine
+    from serve import cli, server
+    from serve.metrics import Metrics
+    from server_process import write_model
+
+    path = tmp_path / "c.yaml"
+    path.write_text("warm_up_prompt_logprobs: true\n")
+    parse = cli.build_parser().parse_args
+    assert cli.serve_config(parse(["serve", "--config", str(path)])).warm_up_prompt_logprobs
+    assert not cli.serve_config(parse(["serve"])).warm_up_prompt_logprobs
+    model = write_model(tmp_path / "model")
+    args = ["serve", "--model", str(model), "--max-seq-len", "64", "--warm-up-prompt-logprobs"]
+    config = cli.serve_config(parse(args))
+    # What warm-up compiles is the engine's business (tests/test_engine.py); here only
+    # whether the setting arrived.
+    seen = []
+    monkeypatch.setattr(Engine, "warm_up", lambda engine: seen.append(engine))
+    llm = server._load(config, Metrics())
+    try:
+        assert seen == [llm.engine] and llm.engine.warm_up_prompt_logprobs is True
+    finally:
+        llm.close()
