@@ -342,9 +342,9 @@ async def run_http(base: str, model: str, prompts: list[Job], args) -> dict:
                     if chunk.get("usage"):
                         usage = chunk["usage"]["completion_tokens"]
                     choices = chunk["choices"]
-                    if choices and (
-                        choices[0].get("text") or choices[0].get("delta", {}).get("content")
-                    ):
+                    # One event per token batch, text or not (a random model's bytes may not
+                    # decode yet); the chat stream's first event only announces the role.
+                    if choices and choices[0].get("delta", {}).get("role") is None:
                         record["times"].append((now, 1))
         except (RuntimeError, OSError, asyncio.IncompleteReadError):
             errors[0] += 1
