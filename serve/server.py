@@ -114,12 +114,12 @@ class Server:
             self.http = HttpFrontEnd(config, self.metrics, self.token)
             self.http_port = await self.http.start(config.host, config.http_port)
         log.info(
-            "listening on %s:%d (%s, %s), HTTP on port %s, metrics on port %s; loading the model",
+            "listening on %s:%d (%s, %s), %s, metrics on port %s; loading the model",
             config.host,
             self.port,
             "TLS" if credentials else "plaintext",
             "bearer-token auth" if self.token else "no auth",
-            self.http_port,
+            f"HTTP on port {self.http_port}" if self.http_port is not None else "no HTTP",
             self.metrics_port,
         )
 
@@ -182,6 +182,8 @@ async def serve(config: ServeConfig) -> int:
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
     if not stop.is_set():
+        if load.exception() is not None:  # close the ports before saying why, then raise
+            await server.drain()
         await load  # raises if loading failed
         log.info("ready in %.1f s", time.perf_counter() - started)
         print(f"jaxllm: serving {server.llm.name} on {config.host}:{server.port}", flush=True)
