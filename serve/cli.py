@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: say what, not a traceback
         print(f"jaxllm: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a port in use, a file that cannot be read: the same
+        print(f"jaxllm: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -169,7 +169,11 @@ async def serve(config: ServeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:  # a port in use: close what did start before saying why
+        await server.grpc.stop(None)
+        raise
     # Machine-readable lines (tests and scripts read the ports when 0 asked for any).
     print(f"jaxllm: listening on {config.host}:{server.port}", flush=True)
     if server.metrics_port is not None:

@@ -12,6 +12,7 @@ import grpc
 import jax
 import numpy as np
 import pytest
+from test_sampling import reference_probs
 
 import hf_models
 import jaxllm
@@ -111,20 +112,10 @@ def test_logprobs_equal_log_softmax_of_the_logits(llm, temperature):
 
 
 def kept_logprobs(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
-    """log of the distribution one row [V] is drawn from (HF's warpers, as in
-    tests/test_sampling.py)."""
-    s = np.asarray(logits, np.float64) / p.temperature
-    if 0 < p.top_k < s.size:
-        s = np.where(s < np.sort(s)[::-1][p.top_k - 1], -np.inf, s)
-    probs = np.exp(s - s.max())
-    probs /= probs.sum()
-    if p.top_p < 1:
-        order = np.argsort(-probs, kind="stable")
-        exclusive = np.cumsum(probs[order]) - probs[order]
-        probs[order[exclusive >= p.top_p]] = 0.0
-    probs[probs < p.min_p * probs.max()] = 0.0
+    """log of the distribution one row [V] is drawn from (tests/test_sampling.py's reference:
+    HF's warpers in float64)."""
     with np.errstate(divide="ignore"):
-        return np.log(probs / probs.sum())
+        return np.log(reference_probs(logits, p))
 
 
 @pytest.mark.parametrize(
