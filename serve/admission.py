@@ -25,24 +25,26 @@ class Admission:
     def draining(self) -> bool:
         return self._draining
 
-    def try_acquire(self) -> str | None:
-        """Admits one request (returns None) or says why not."""
+    def try_acquire(self, n: int = 1) -> str | None:
+        """Admits ``n`` engine requests (one client request with ``n`` choices) all at once
+        (returns None), or none of them and says why not."""
         with self._lock:
             if self._draining:
                 return "server is shutting down"
-            if self._in_flight >= self.capacity:
+            if self._in_flight + n > self.capacity:
                 return (
-                    f"server is at capacity ({self.capacity} requests running or queued); "
-                    "retry later"
+                    f"server is at capacity ({self.capacity} requests running or queued"
+                    + (f"; this one needs {n}" if n > 1 else "")
+                    + "); retry later"
                 )
-            self._in_flight += 1
+            self._in_flight += n
             return None
 
-    def release(self) -> None:
+    def release(self, n: int = 1) -> None:
         with self._lock:
-            if self._in_flight <= 0:
+            if self._in_flight < n:
                 raise RuntimeError("admission released more often than acquired")
-            self._in_flight -= 1
+            self._in_flight -= n
 
     def drain(self) -> None:
         """Refuses every later request; running ones keep their tickets."""

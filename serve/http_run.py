@@ -65,15 +65,12 @@ class Submitter:
         return Run(self, f"{prefix}-{uuid.uuid4().hex}", jobs, req.n, echo_only, req.stream, start)
 
     def _admit(self, tickets: int) -> None:
-        admission = self.admission
-        for taken in range(tickets):
-            refusal = admission.try_acquire()
-            if refusal is not None:
-                for _ in range(taken):
-                    admission.release()
-                if admission.draining:
-                    raise BadRequest(None, refusal, 503, "draining")
-                raise BadRequest(None, refusal, 429, "rate_limit_exceeded", "rate_limit_error")
+        refusal = self.admission.try_acquire(tickets)
+        if refusal is None:
+            return
+        if self.admission.draining:
+            raise BadRequest(None, refusal, 503, "draining")
+        raise BadRequest(None, refusal, 429, "rate_limit_exceeded", "rate_limit_error")
 
 
 @dataclasses.dataclass(eq=False)
@@ -183,6 +180,5 @@ class Run:
         self._closed = True
         for c in self.choices:
             c.request.cancel()  # a no-op for finished ones
-        for _ in range(self._tickets):
-            self._admission.release()
+        self._admission.release(self._tickets)
         self._metrics.requests.labels(self._outcome or "cancelled").inc()

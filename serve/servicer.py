@@ -52,7 +52,14 @@ class LLMServicer(pb_grpc.LLMServicer):
                 grpc.StatusCode.UNIMPLEMENTED,
                 "sampling.prompt_logprobs: not supported on a multi-host mesh",
             )
-        refusal = self.admission.try_acquire()
+        if job.n > self.admission.capacity:
+            self.metrics.requests.labels("invalid").inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"n: {job.n} choices, more than this server runs or queues at once "
+                f"({self.admission.capacity})",
+            )
+        refusal = self.admission.try_acquire(job.n)  # one ticket per choice, as over HTTP
         if refusal is not None:
             draining = self.admission.draining
             self.metrics.requests.labels("draining" if draining else "rejected").inc()
@@ -71,7 +78,7 @@ class LLMServicer(pb_grpc.LLMServicer):
             log.exception("Generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {e!r}")
         finally:
-            self.admission.release()
+            self.admission.release(job.n)
             if outcome == "cancelled":
                 remaining = context.time_remaining()
                 if remaining is not None and remaining <= 0:

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxllm
+from serve.admission import Admission
 from serve.client import AsyncClient, Client, generate_request
 from serve.proto import jaxllm_pb2 as pb
 from serve.proto import jaxllm_pb2_grpc as pb_grpc
@@ -395,3 +396,15 @@ def test_oversized_messages_are_refused_by_the_transport(server, client):
             list(pb_grpc.LLMStub(channel).Generate(request, timeout=30))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert client.generate("small", max_tokens=2, temperature=0.0).completion_tokens >= 1
+
+
+def test_admission_takes_every_choice_of_a_request_or_none():
+    admission = Admission(max_running=2, max_queue=1)
+    assert admission.try_acquire(2) is None and admission.in_flight == 2
+    refusal = admission.try_acquire(2)  # an n=2 request needs two places: none are taken
+    assert "needs 2" in refusal and admission.in_flight == 2
+    assert admission.try_acquire() is None and admission.in_flight == 3
+    admission.release(3)
+    assert admission.in_flight == 0
+    with pytest.raises(RuntimeError):
+        admission.release()
