@@ -423,7 +423,9 @@ def test_conversion_and_restore_hold_little_beyond_the_model(hf_dir, converted, 
     mib = {k: round(v / 2**20, 1) for k, v in got.items() if k != "tensors"}
     print(f"\nhost memory while converting (MiB): {mib}, {got['tensors']} tensors")
     assert got["model_bytes"] >= 500e6 and got["tensors"] >= 90
-    assert got["peak_over_baseline"] <= 3 * got["largest_tensor"]
+    # A few tensors in flight, nowhere near the 512 MiB model: 31-37 MiB were measured on CI
+    # runs (3.0-3.3x the 11 MiB largest tensor; the allocator's slack varies), so 3x flaked.
+    assert got["peak_over_baseline"] <= 4 * got["largest_tensor"]
 
     restored = run_python(MEASURE_RESTORE, converted, tmp_path / "ckpt")
     over = restored["peak_over_arrays"]
