@@ -357,14 +357,16 @@ class Engine:
             if self.failure is not None:  # aborted meanwhile: its requests already failed
                 return False
             Sd, decodes, prefills = inp.shape[0], len(plan.decodes), len(plan.prefills)
-            row_of = {seq: i for i, seq in enumerate(plan.decodes)}
-            row_of.update({c.seq: Sd + i for i, c in enumerate(plan.prefills)})
+            row_of = None  # which step row each sequence's token came from, when needed
+            if rows is not None:
+                row_of = {seq: i for i, seq in enumerate(plan.decodes)}
+                row_of.update({c.seq: Sd + i for i, c in enumerate(plan.prefills)})
             new = self.scheduler.update(plan, sampled[:decodes], sampled[Sd : Sd + prefills])
         self.steps += 1
         handoff = []
         for seq, token in new:
             request, extra = seq.payload, None
-            if rows is not None and request.output.params.logprobs is not None:
+            if row_of is not None and request.output.params.logprobs is not None:
                 row = row_of[seq]
                 extra = (float(rows[0][row]), rows[1][row], rows[2][row])
             handoff.append((request, token, extra))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -100,3 +102,17 @@ def health(channel: grpc.Channel) -> str:
     stub = health_pb2_grpc.HealthStub(channel)
     reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+@contextlib.contextmanager
+def serving(args: list[str], log_path: Path) -> Iterator[ServerProcess]:
+    """A plaintext server process, ready (health SERVING); on exit SIGTERM, after which it
+    must drain and exit 0."""
+    proc = ServerProcess(args, log_path)
+    try:
+        with grpc.insecure_channel(proc.target) as channel:
+            proc.wait_ready(channel)
+        yield proc
+    finally:
+        code = proc.terminate()
+        assert code == 0, proc.log()[-3000:]

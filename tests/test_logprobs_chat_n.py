@@ -21,7 +21,7 @@ from jaxllm.engine import CompileCounter
 from jaxllm.sampling import SamplingParams
 from jaxllm.tokenizer import Tokenizer, byte_level_tokenizer
 from serve.client import Client
-from server_process import ServerProcess
+from server_process import serving
 from sharding import make_mesh
 
 # The server's engine options too (its other options keep their defaults), so both run the
@@ -324,13 +324,8 @@ def test_logprob_requests_compile_nothing_after_warm_up(llm):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     args = ["--model", str(model_dir), "--max-num-seqs", "4", "--max-seq-len", "128"]
-    proc = ServerProcess(args, tmp_path_factory.mktemp("serve_log") / "server.log")
-    try:
-        with grpc.insecure_channel(proc.target) as channel:
-            proc.wait_ready(channel)
+    with serving(args, tmp_path_factory.mktemp("serve_log") / "server.log") as proc:
         yield proc
-    finally:
-        assert proc.terminate() == 0, proc.log()[-3000:]
 
 
 @pytest.fixture(scope="module")

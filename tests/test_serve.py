@@ -24,7 +24,7 @@ from serve.admission import Admission
 from serve.client import AsyncClient, Client, generate_request
 from serve.proto import jaxllm_pb2 as pb
 from serve.proto import jaxllm_pb2_grpc as pb_grpc
-from server_process import REPO, ServerProcess, health, write_model
+from server_process import REPO, health, serving, write_model
 from sharding import make_mesh
 
 SLOTS, QUEUE, CONTEXT = 8, 56, 128
@@ -40,14 +40,8 @@ def model_path(tmp_path_factory):
 def server(model_path, tmp_path_factory):
     args = ["--model", str(model_path), "--metrics-port", "0", "--max-num-seqs", str(SLOTS)]
     args += ["--max-queue", str(QUEUE), "--max-seq-len", str(CONTEXT), "--sample", SAMPLE]
-    proc = ServerProcess(args, tmp_path_factory.mktemp("serve_log") / "server.log")
-    try:
-        with grpc.insecure_channel(proc.target) as channel:
-            proc.wait_ready(channel)
+    with serving(args, tmp_path_factory.mktemp("serve_log") / "server.log") as proc:
         yield proc
-    finally:
-        code = proc.terminate()
-        assert code == 0, proc.log()[-3000:]
 
 
 @pytest.fixture(scope="module")
