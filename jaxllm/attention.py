@@ -28,11 +28,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxllm import kv_cache
-from jaxllm.kv_cache import LayerPages
+from jaxllm.kv_cache import KVPool
 
 # Masked scores are -inf; the running max starts at the most negative finite float, so a
 # row whose first blocks are all masked (sliding windows) keeps exp(m - m) = 1, never NaN.
 _NEG = float(jnp.finfo(jnp.float32).min)
+# A layer's sliding window: None (none), a Python int shared by every layer, or, where the
+# layers of one model differ (some Qwen2 configs), the scanned layer's own value as a traced
+# int32 scalar; NO_WINDOW stands for "none" in such a per-layer array.
+Window = int | Int[Array, ""] | None
+NO_WINDOW = 2**30
 
 
 class RowGroup(NamedTuple):
@@ -58,12 +63,13 @@ class PagedBatch(NamedTuple):
 def paged(
     q: Float[Array, "R C N H"],
     rows: RowGroup,
-    pages: LayerPages,
-    window: int | None,
+    pool: KVPool,
+    layer: Int[Array, ""] | int,
+    window: Window,
     block_pages: int,
 ) -> Float[Array, "R C N H"]:
-    """Each row's queries attend to its sequence's keys at positions ``<=`` their own (and
-    ``< kv_len``), within ``window`` positions when given."""
+    """Each row's queries attend to its sequence's keys in layer ``layer`` of the pool at
+    positions ``<=`` their own (and ``< kv_len``), within ``window`` positions when given."""
     R = q.shape[0]
     groups = rows.group_blocks.shape[0]
     if groups == 0:
@@ -75,7 +81,7 @@ def paged(
             return jax.lax.dynamic_slice_in_dim(x, j * size, size, 0)
 
         sub = RowGroup(*(rows_of(x) for x in rows[:3]), rows.group_blocks[j])
-        attended = _attend(rows_of(q), sub, pages, window, block_pages)
+        attended = _attend(rows_of(q), sub, pool, layer, window, block_pages)
         return jax.lax.dynamic_update_slice_in_dim(out, attended, j * size, 0)
 
     if groups == 1:
@@ -86,28 +92,29 @@ def paged(
 def _attend(
     q: Float[Array, "R C N H"],
     rows: RowGroup,  # one group: group_blocks is a scalar
-    pages: LayerPages,
-    window: int | None,
+    pool: KVPool,
+    layer: Int[Array, ""] | int,
+    window: Window,
     block_pages: int,
 ) -> Float[Array, "R C N H"]:
     R, C, N, H = q.shape
-    page_size, K = pages.keys.shape[1], pages.keys.shape[2]
+    page_size, K = pool.keys.shape[2], pool.keys.shape[3]
     G = N // K
     S = block_pages * page_size
     # [R, C, K, G, H]: each key/value head serves a group of G query heads.
     q = q.reshape(R, C, K, G, H)
     positions = rows.positions[:, :, None]  # [R, C, 1]
 
-    def gather(buffer, ids):  # [R, block_pages] page ids -> [R, S, ...]
-        return buffer[ids].reshape(R, S, *buffer.shape[2:])
+    def gather(buffer, ids):  # [R, block_pages] page ids of this layer -> [R, S, ...]
+        return buffer[layer, ids].reshape(R, S, *buffer.shape[3:])
 
     def block(i, carry):
         m, total, acc = carry  # [R, K, G, C], same, [R, K, G, C, H]
         ids = jax.lax.dynamic_slice_in_dim(rows.page_table, i * block_pages, block_pages, 1)
-        keys = gather(pages.keys, ids).astype(q.dtype)  # [R, S, K, H]
+        keys = gather(pool.keys, ids).astype(q.dtype)  # [R, S, K, H]
         scores = jnp.einsum("RCKGH,RSKH->RKGCS", q, keys).astype(jnp.float32) * H**-0.5
-        if pages.key_scales is not None:  # int8: scale each key's scores, not its bytes
-            key_scales = gather(pages.key_scales, ids)  # [R, S, K]
+        if pool.quantized:  # int8: scale each key's scores, not its bytes
+            key_scales = gather(pool.key_scales, ids)  # [R, S, K]
             scores = scores * jnp.swapaxes(key_scales, 1, 2)[:, :, None, None, :]
         key_pos = (i * S + jnp.arange(S))[None, None, :]  # [1, 1, S]
         visible = (key_pos <= positions) & (key_pos < rows.kv_len[:, None, None])  # [R, C, S]
@@ -118,10 +125,10 @@ def _attend(
         probs = jnp.exp(scores - m_new[..., None])
         alpha = jnp.exp(m - m_new)
         total = total * alpha + jnp.sum(probs, axis=-1)
-        if pages.value_scales is not None:
-            value_scales = gather(pages.value_scales, ids)
+        if pool.quantized:
+            value_scales = gather(pool.value_scales, ids)
             probs = probs * jnp.swapaxes(value_scales, 1, 2)[:, :, None, None, :]
-        values = gather(pages.values, ids).astype(q.dtype)
+        values = gather(pool.values, ids).astype(q.dtype)
         update = jnp.einsum("RKGCS,RSKH->RKGCH", probs.astype(q.dtype), values)
         return m_new, total, acc * alpha[..., None] + update.astype(jnp.float32)
 
@@ -141,7 +148,7 @@ def causal(
     k: Float[Array, "B T K H"],
     v: Float[Array, "B T K H"],
     positions: Int[Array, "B T"],
-    window: int | None,
+    window: Window,
     kv_dtype=None,
 ) -> Float[Array, "B T N H"]:
     """Causal attention of the tokens over themselves. ``kv_dtype="int8"`` rounds keys and

@@ -277,10 +277,9 @@ def save_hf_checkpoint(state: nnx.State, cfg: ModelConfig, path: str | Path) -> 
     params = named_params(state)
     tensors = {}
     for ours, stored in hf_layout(cfg).items():
-        value = np.asarray(jax.device_get(params[ours].get_value()))
+        value = np.asarray(jax.device_get(params[ours].value()))
         if cfg.head_layout is not None:
-            axes = params[ours].get_metadata()["logical_axes"]
-            value = head_layout.shrink_host(value, cfg.head_layout, axes)
+            value = head_layout.shrink_host(value, cfg.head_layout, params[ours].axes)
         value = value.transpose(np.argsort(stored.perm)).reshape(stored.shape)
         tensors[stored.name] = np.ascontiguousarray(value)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -1,15 +1,17 @@
-"""The paged key/value pool on the device: one ``[P, page_size, K, H]`` buffer per layer.
+"""The paged key/value pool on the device: ``[L, P, page_size, K, H]`` keys and values.
 
 A sequence's keys and values live in fixed-size pages of one pool shared by every request
 (``jaxllm.kv_pages`` decides which pages are whose). Position ``p`` of a sequence with page
 table ``t`` is stored at page ``t[p // page_size]``, offset ``p % page_size``; a write names
 that as one flat slot ``page * page_size + offset``, so a whole step's new tokens scatter
-with one indexed update per layer, in place when the pool is donated. Pages are the leading
-axis, so gathering a sequence's pages copies contiguous ``page_size * K * H`` blocks; KV heads
+with one indexed update per layer, in place when the pool is donated. Layers are the leading
+axis because the model scans its layers with the pool in the scan's carry: layer ``l``
+writes and reads ``pool[l]`` by index, and nothing is copied between layers. Pages come
+next, so gathering a sequence's pages copies contiguous ``page_size * K * H`` blocks; KV heads
 are split over the ``tensor`` mesh axis by the cache rules, as the attention heads are.
 
 An int8 pool stores each token's key (and value) of each head as int8 with one float32
-scale, ``max|x| / 127`` over the head dim, in ``[P, page_size, K]`` buffers beside it: a
+scale, ``max|x| / 127`` over the head dim, in ``[L, P, page_size, K]`` buffers beside it: a
 token takes ``(H + 4) / 4H`` of the float32 bytes (0.27 at H = 64). Attention applies the
 scales to scores and probabilities rather than dequantizing the pages.
 """
@@ -25,8 +27,8 @@ from jaxtyping import Array, Float, Int
 
 from sharding import ShardingRules
 
-POOL_AXES = ("cache_pages", "cache_sequence", "cache_kv_heads", "cache_head_dim")
-SCALE_AXES = POOL_AXES[:3]
+POOL_AXES = ("cache_layers", "cache_pages", "cache_sequence", "cache_kv_heads", "cache_head_dim")
+SCALE_AXES = POOL_AXES[:4]
 DTYPES = ("int8",)  # besides the model's own float dtype
 
 
@@ -50,45 +52,24 @@ def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) ->
     return 2 * num_layers * num_kv_heads * per_head
 
 
-class LayerPages(NamedTuple):
-    """One layer's pool as attention sees it; scales are None for a float pool."""
-
-    keys: Array  # [P, page_size, K, H]
-    values: Array
-    key_scales: Float[Array, "P page K"] | None = None
-    value_scales: Float[Array, "P page K"] | None = None
-
-
 class KVPool(NamedTuple):
-    keys: tuple[Array, ...]  # one [P, page_size, K, H] per layer
-    values: tuple[Array, ...]
-    # int8 pools only: one scale per (page, offset, head); empty for a float pool.
-    key_scales: tuple[Array, ...] = ()
-    value_scales: tuple[Array, ...] = ()
+    keys: Array  # [L, P, page_size, K, H]
+    values: Array
+    # int8 pools only: one scale per (layer, page, offset, head); None for a float pool.
+    key_scales: Float[Array, "L P page K"] | None = None
+    value_scales: Float[Array, "L P page K"] | None = None
 
     @property
     def quantized(self) -> bool:
-        return bool(self.key_scales)
-
-    def layer(self, i: int) -> LayerPages:
-        if not self.quantized:
-            return LayerPages(self.keys[i], self.values[i])
-        return LayerPages(self.keys[i], self.values[i], self.key_scales[i], self.value_scales[i])
-
-    @staticmethod
-    def of_layers(layers: list[LayerPages]) -> KVPool:
-        keys, values, key_scales, value_scales = zip(*layers, strict=True)
-        if key_scales[0] is None:
-            return KVPool(keys, values)
-        return KVPool(keys, values, key_scales, value_scales)
+        return self.key_scales is not None
 
     @property
     def num_pages(self) -> int:
-        return self.keys[0].shape[0]
+        return self.keys.shape[1]
 
     @property
     def page_size(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys.shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -107,53 +88,53 @@ class KVPool(NamedTuple):
     ) -> KVPool:
         """Zeros laid out by the cache rules, allocated directly in their shards; ``dtype``
         ``"int8"`` makes a quantized pool."""
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
-        per_layer = (rules.sharding(POOL_AXES, shape, mesh),) * num_layers
-        shardings = KVPool(per_layer, per_layer)
-        if is_int8(dtype):
-            scales = (rules.sharding(SCALE_AXES, shape[:3], mesh),) * num_layers
-            shardings = KVPool(per_layer, per_layer, scales, scales)
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        pages = rules.sharding(POOL_AXES, shape, mesh)
+        if not is_int8(dtype):
+            shardings = KVPool(pages, pages)
+        else:
+            scales = rules.sharding(SCALE_AXES, shape[:4], mesh)
+            shardings = KVPool(pages, pages, scales, scales)
 
         def zeros():
-            def layers(shape, dtype):
-                return tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-
             if not is_int8(dtype):
-                return KVPool(layers(shape, dtype), layers(shape, dtype))
+                return KVPool(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
             return KVPool(
-                layers(shape, jnp.int8),
-                layers(shape, jnp.int8),
-                layers(shape[:3], jnp.float32),
-                layers(shape[:3], jnp.float32),
+                jnp.zeros(shape, jnp.int8),
+                jnp.zeros(shape, jnp.int8),
+                jnp.zeros(shape[:4], jnp.float32),
+                jnp.zeros(shape[:4], jnp.float32),
             )
 
         return jax.jit(zeros, out_shardings=shardings)()
 
 
 def write(
-    pages: LayerPages,
+    pool: KVPool,
+    layer: Int[Array, ""] | int,
     new_keys: Float[Array, "T K H"],
     new_values: Float[Array, "T K H"],
     slots: Int[Array, " T"],
-) -> LayerPages:
-    """Stores token t at flat slot ``slots[t]`` (page * page_size + offset), quantized for an
-    int8 pool; a slot past the pool's end (padding tokens) is dropped."""
-    P, page = pages.keys.shape[:2]
+) -> KVPool:
+    """Stores token t of layer ``layer`` at flat slot ``slots[t]`` (page * page_size +
+    offset), quantized for an int8 pool; a slot past the pool's end (padding tokens) is
+    dropped."""
+    L, P, page = pool.keys.shape[:3]
 
     def put(buffer, new):
-        flat = buffer.reshape(P * page, *buffer.shape[2:])
-        flat = flat.at[slots].set(new.astype(buffer.dtype), mode="drop")
+        flat = buffer.reshape(L, P * page, *buffer.shape[3:])
+        flat = flat.at[layer, slots].set(new.astype(buffer.dtype), mode="drop")
         return flat.reshape(buffer.shape)
 
-    if pages.key_scales is None:
-        return LayerPages(put(pages.keys, new_keys), put(pages.values, new_values))
+    if not pool.quantized:
+        return KVPool(put(pool.keys, new_keys), put(pool.values, new_values))
     qk, sk = quantize_heads(new_keys)
     qv, sv = quantize_heads(new_values)
-    return LayerPages(
-        put(pages.keys, qk),
-        put(pages.values, qv),
-        put(pages.key_scales, sk),
-        put(pages.value_scales, sv),
+    return KVPool(
+        put(pool.keys, qk),
+        put(pool.values, qv),
+        put(pool.key_scales, sk),
+        put(pool.value_scales, sv),
     )
 
 

@@ -12,12 +12,20 @@ address heads directly. ``[out, in]`` because XLA's CPU backend streams a weight
 that way at 1-32 rows (measured here, interleaved in one process; 10% slower at 64 rows), and
 small-batch decode is bound by streaming the weights. Shapes use the glossary in
 ``jaxllm.config``.
+
+Layers are scanned: every decoder layer's parameter is one array with a leading ``layers``
+axis (``layers.attn.wq: [L, N, H, D]``), and ``jax.lax.scan`` runs one traced copy of the
+layer over it, so a program's size and compile time do not grow with depth (24-layer step
+programs were compiled layer by layer before). The KV pool is stacked the same way and rides
+in the scan's carry, so each layer's writes update it in place. Checkpoints keep naming
+layers one by one (``layers.0.attn.wq``); ``jaxllm.params`` stacks them at load.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
@@ -77,9 +85,7 @@ def _scale(p: nnx.Param | None):
 
 
 class Attention(nnx.Module):
-    def __init__(
-        self, cfg: ModelConfig, window: int | None, layout: Layout, dtype, quantized, rngs
-    ):
+    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = ("q_heads", "head_dim", "embed"), ("kv_heads", "head_dim", "embed")
         self.wq, self.wq_scale = _weight(rngs, (N, H, D), q, dtype, quantized)
@@ -95,7 +101,7 @@ class Attention(nnx.Module):
         self.o_bias = cfg.o_bias
         if cfg.o_bias:
             self.bo = _param(rngs, (D,), ("embed",), dtype)
-        self.num_kv_heads, self.head_dim, self.window = K, H, window
+        self.num_kv_heads, self.head_dim = K, H
         self.layout = layout
 
     def __call__(
@@ -104,11 +110,15 @@ class Attention(nnx.Module):
         positions: Int[Array, "B T"],
         cos: Float[Array, "B T H"],
         sin: Float[Array, "B T H"],
-        pages: kv_cache.LayerPages | None,
+        pool: kv_cache.KVPool | None,
+        layer: Int[Array, ""] | int,
         step: attention.PagedBatch | None,
         block_pages: int,
         kv_dtype,
-    ) -> tuple[Float[Array, "B T D"], kv_cache.LayerPages | None]:
+        window: attention.Window,
+    ) -> tuple[Float[Array, "B T D"], kv_cache.KVPool | None]:
+        """This layer's attention; with a pool and a step, writes the step's keys and values
+        into layer ``layer`` of the pool and reads each row's pages from it."""
         # [B, T, N or K, H]: the weights are read in their stored [out, in] order.
         q = quantize.linear(x, self.wq[...], _scale(self.wq_scale))
         k = quantize.linear(x, self.wk[...], _scale(self.wk_scale))
@@ -121,25 +131,25 @@ class Attention(nnx.Module):
         B, T, N, H = q.shape
 
         if step is None:  # no pool: the tokens attend to themselves
-            out = attention.causal(q, k, v, positions, self.window, kv_dtype)
+            out = attention.causal(q, k, v, positions, window, kv_dtype)
         else:  # one engine step: B == 1, the step's tokens flattened on T
-            pages = kv_cache.write(pages, k[0], v[0], step.slots)
+            pool = kv_cache.write(pool, layer, k[0], v[0], step.slots)
             Sd = step.decode.page_table.shape[0]
             Sp, C = step.prefill.positions.shape
             parts = []
             if Sd:
                 rows = q[0, :Sd].reshape(Sd, 1, N, H)
-                parts.append(attention.paged(rows, step.decode, pages, self.window, block_pages))
+                parts.append(attention.paged(rows, step.decode, pool, layer, window, block_pages))
             if Sp:
                 rows = q[0, Sd:].reshape(Sp, C, N, H)
-                parts.append(attention.paged(rows, step.prefill, pages, self.window, block_pages))
+                parts.append(attention.paged(rows, step.prefill, pool, layer, window, block_pages))
             out = jnp.concatenate([p.reshape(-1, N, H) for p in parts])[None]
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
         out = quantize.linear(out.reshape(B, T, N * H), self.wo[...], _scale(self.wo_scale), 2)
         if self.o_bias:
             out = out + self.bo[None, None]
-        return out, pages
+        return out, pool
 
 
 class MLP(nnx.Module):
@@ -158,22 +168,38 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(
-        self, cfg: ModelConfig, layer: int, layout: Layout, dtype, quantized, rngs: nnx.Rngs
-    ):
+    """One decoder layer. The model holds a single Block whose parameters are stacked over
+    layers (``stacked_blocks``) and scans it; ``Transformer.block(i)`` is layer ``i`` alone."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.attn = Attention(cfg, cfg.window(layer), layout, dtype, quantized, rngs)
+        self.attn = Attention(cfg, layout, dtype, quantized, rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.mlp = MLP(cfg, layout, dtype, quantized, rngs)
         self.layout = layout
 
-    def __call__(self, x, positions, cos, sin, pages, step, block_pages, kv_dtype):
-        attn_out, pages = self.attn(
-            self.attn_norm(x), positions, cos, sin, pages, step, block_pages, kv_dtype
+    def __call__(self, x, positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window):
+        attn_out, pool = self.attn(
+            self.attn_norm(x), positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window
         )
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
-        return self.layout(x, "act_batch", "act_length", "act_embed"), pages
+        return self.layout(x, "act_batch", "act_length", "act_embed"), pool
+
+
+def stacked_blocks(cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter holds all layers on a leading ``layers`` axis (layer
+    ``i`` at index ``i``, initialised as its own Block would be)."""
+    split = [nnx.split(Block(cfg, layout, dtype, quantized, rngs)) for _ in range(cfg.num_layers)]
+
+    def stack(*layers: nnx.Variable) -> nnx.Variable:
+        axes = ("layers", *layers[0].get_metadata()["logical_axes"])
+        value = jnp.stack([v.get_value() for v in layers])
+        return layers[0].replace(value, logical_axes=axes)
+
+    states = [state for _, state in split]
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(split[0][0], stacked)
 
 
 class Transformer(nnx.Module):
@@ -196,9 +222,7 @@ class Transformer(nnx.Module):
         layout = Layout(mesh, rules)
         table = (cfg.vocab_size, cfg.hidden_size)
         self.embed, self.embed_scale = _weight(rngs, table, ("vocab", "embed"), dtype, quantized)
-        self.layers = nnx.List(
-            [Block(cfg, i, layout, dtype, quantized, rngs) for i in range(cfg.num_layers)]
-        )
+        self.layers = stacked_blocks(cfg, layout, dtype, quantized, rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head, self.lm_head_scale = _weight(
@@ -226,14 +250,50 @@ class Transformer(nnx.Module):
         cfg = self.config
         inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
-        layers = []
-        for i, block in enumerate(self.layers):
-            pages = None if pool is None else pool.layer(i)
-            with jax.named_scope(f"layer_{i}"):
-                x, pages = block(x, positions, cos, sin, pages, step, block_pages, kv_dtype)
-            layers.append(pages)
-        pool = None if pool is None else kv_cache.KVPool.of_layers(layers)
+        x, pool = self._scan_layers(x, positions, cos, sin, pool, step, block_pages, kv_dtype)
         return self.final_norm(x), pool
+
+    def _scan_layers(self, x, positions, cos, sin, pool, step, block_pages, kv_dtype):
+        """Runs the stacked layers in order with ``jax.lax.scan``: one traced layer, the
+        residual stream and the pool carried from layer to layer."""
+        graphdef, state = nnx.split(self.layers)
+        windows = self.windows()
+        per_layer = isinstance(windows, np.ndarray)
+
+        def layer(carry, xs):
+            x, pool = carry
+            params, i, window = xs
+            block = nnx.merge(graphdef, params)
+            window = window if per_layer else windows
+            with jax.named_scope("layer"):
+                x, pool = block(
+                    x, positions, cos, sin, pool, i, step, block_pages, kv_dtype, window
+                )
+            return (x, pool), None
+
+        L = self.config.num_layers
+        xs = (state, jnp.arange(L, dtype=jnp.int32), jnp.asarray(windows) if per_layer else None)
+        (x, pool), _ = jax.lax.scan(layer, (x, pool), xs)
+        return x, pool
+
+    def windows(self) -> attention.Window | np.ndarray:
+        """The sliding window every layer shares (None: none), or, where layers differ, one
+        per layer as an int32 array (``attention.NO_WINDOW`` for a layer without)."""
+        windows = {self.config.window(i) for i in range(self.config.num_layers)}
+        if len(windows) == 1:
+            return windows.pop()
+        return np.array(
+            [self.config.window(i) or attention.NO_WINDOW for i in range(self.config.num_layers)],
+            np.int32,
+        )
+
+    def block(self, i: int) -> tuple[Block, attention.Window]:
+        """Layer ``i`` as a Block of its own (its slice of every stacked parameter) and its
+        window: for code that looks inside layers (pruning's calibration)."""
+        graphdef, state = nnx.split(self.layers)
+        windows = self.windows()
+        window = int(windows[i]) if isinstance(windows, np.ndarray) else windows
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state)), window
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         with jax.named_scope("lm_head"):

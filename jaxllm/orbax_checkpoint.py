@@ -49,7 +49,7 @@ from jaxllm.hf_checkpoint import (
     _check_names,
     hf_layout,
 )
-from jaxllm.params import ModelSpec, named_params
+from jaxllm.params import ModelSpec, NamedParam, named_params
 from sharding import DEFAULT_RULES, make_mesh
 
 FORMAT_VERSION = 2  # 2: weights [out, in], as Hugging Face stores them (1: [in, out])
@@ -148,7 +148,7 @@ def convert_hf_to_orbax(
     dtype = jnp.dtype(dtype)
     mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
     _, abstract = ModelSpec(config, dtype, mesh, DEFAULT_RULES).abstract()
-    axes = {k: v.get_metadata()["logical_axes"] for k, v in named_params(abstract).items()}
+    axes = {k: p.axes for k, p in named_params(abstract).items()}
 
     def arrays():
         for name in sorted(layout):
@@ -193,9 +193,9 @@ def save_state(
     layout = config.head_layout
     for name, stored in sorted(hf_layout(config).items()):
         shape = tuple(stored.view[p] for p in stored.perm)
-        found = params[name].get_value().shape if name in params else "missing"
+        found = params[name].shape if name in params else "missing"
         if layout is not None and name in params:
-            found = layout.source_shape(found, params[name].get_metadata()["logical_axes"])
+            found = layout.source_shape(found, params[name].axes)
         if found != shape:
             raise ValueError(
                 f"the state's {name!r} has shape {found}, the config gives {shape} (for a "
@@ -205,16 +205,12 @@ def save_state(
     scales = [n for n in params if n.endswith(quant.SCALE_SUFFIX)]
     quantization = quant.INT8 if scales else None
 
-    def stored_layout(var: nnx.Variable) -> jax.Array:
-        axes = var.get_metadata().get("logical_axes")
-        if layout is None or layout.maps(axes or ()) is None:
-            return var.get_value()
-        return head_layout.shrink(var.get_value(), layout, axes)
+    def stored_layout(param: NamedParam) -> jax.Array:
+        if layout is None or layout.maps(param.axes) is None:
+            return param.value()
+        return head_layout.shrink(param.value(), layout, param.axes)
 
-    arrays = (
-        (name, stored_layout(var), var.get_metadata().get("logical_axes"))
-        for name, var in sorted(params.items())
-    )
+    arrays = ((name, stored_layout(param), param.axes) for name, param in sorted(params.items()))
     config_text = json.dumps(config.to_hf_dict(), indent=2)
     return _write(
         Path(out_dir), config_text, tokenizer_dir, arrays, on_tensor, quantization=quantization
@@ -356,8 +352,9 @@ def load_orbax_state(
     path: str | Path, spec: ModelSpec, on_tensor: OnTensor = None
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """Parameters of ``spec`` restored from the checkpoint at ``path`` into ``spec``'s mesh and
-    shardings (any mesh, whatever the checkpoint was saved from), one parameter at a time,
-    largest first; each process reads only the shards its devices hold, cast to ``spec.dtype``.
+    shardings (any mesh, whatever the checkpoint was saved from), one parameter at a time, in
+    the order ``spec.fill`` builds them; each process reads only the shards its devices hold,
+    cast to ``spec.dtype``.
 
     ``on_tensor(name, nbytes)`` is called after each parameter is placed (progress bars).
     """
@@ -395,27 +392,34 @@ def load_orbax_state(
                 f"config needs {jnp.dtype(target.dtype).name}{list(target.shape)}"
             )
     loader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    restored = {}
+    quantized: dict[str, jax.Array] = {}  # the scale (or weight) that came with the other
+
+    def make(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+        """Parameter ``name`` read straight into its shards when ``spec.fill`` asks for it
+        (so a layer is written into its stacked array before the next is read)."""
+        if name in quantized:
+            return quantized.pop(name)
+        weight = name
+        if quantize_now and name.endswith(quant.SCALE_SUFFIX):
+            weight = name[: -len(quant.SCALE_SUFFIX)]
+        array = _restore(loader, path, weight, reads[weight])
+        nbytes = array.nbytes  # as read
+        maps = spec.head_maps(weight)
+        if maps is not None:
+            array = head_layout.expand(array, maps, targets[weight].sharding)
+        if quantize_now and quant.input_dims(weight) is not None:
+            quantized.update(quant.quantize_into(array, weight, targets))
+            del array
+            array = quantized.pop(name)
+        _release_freed_memory()
+        if on_tensor is not None:
+            on_tensor(weight, nbytes)
+        return array
+
     try:
-        # Largest first: each parameter briefly needs a host copy on top of its arrays, and
-        # the memory the allocator keeps back grows as the restore goes on.
-        for name in sorted(reads, key=lambda n: -np.prod(reads[n].shape)):
-            array = _restore(loader, path, name, reads[name])
-            nbytes = array.nbytes  # as read
-            maps = spec.head_maps(name)
-            if maps is not None:
-                array = head_layout.expand(array, maps, targets[name].sharding)
-            if quantize_now and quant.input_dims(name) is not None:
-                restored |= quant.quantize_into(array, name, targets)
-                del array
-            else:
-                restored[name] = array
-            _release_freed_memory()
-            if on_tensor is not None:
-                on_tensor(name, nbytes)
+        return spec.fill(make)
     finally:
         loader.close()
-    return spec.fill(lambda name, target: restored.pop(name))
 
 
 def _restore(loader, path: Path, name: str, target: jax.ShapeDtypeStruct) -> jax.Array:

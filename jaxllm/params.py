@@ -2,6 +2,13 @@
 
 The runtime never holds a live ``nnx.Module``; it keeps the graph definition and the state
 pytree apart (``nnx.split``) and hands the state to pure jitted functions.
+
+Two name spaces: the live state stacks every decoder layer's parameter on a leading
+``layers`` axis (``layers.attn.wq``, see ``jaxllm.model``), while checkpoints, loaders and
+everything else here name layers one by one (``layers.0.attn.wq``), as Hugging Face does.
+``ModelSpec.fill`` takes arrays by those per-layer names and writes each into its slot of
+the stacked array in place, so a load holds the model plus one tensor; ``named_params``
+gives a state's parameters back under the per-layer names, slicing a layer only when read.
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import head_layout, quantize
 from jaxllm.config import ModelConfig
@@ -128,8 +136,9 @@ class ModelSpec:
         self, make_array: Callable[[str, jax.ShapeDtypeStruct], jax.Array]
     ) -> tuple[nnx.GraphDef, nnx.State]:
         """Builds the state one parameter at a time: ``make_array(name, target)`` returns
-        the array for parameter ``name`` (e.g. ``"layers.0.attn.wq"``) with the target's
-        shape, dtype and sharding. Parameters are made in name order."""
+        the array for parameter ``name`` (per layer, e.g. ``"layers.0.attn.wq"``) with the
+        target's shape, dtype and sharding. Parameters are made in name order, a stacked
+        parameter's layers in layer order, each written into the stacked array in place."""
         log.info(self.describe_heads())
         graphdef, abstract_state = self.abstract()
         shardings = nnx.to_flat_state(self.shardings(abstract_state))
@@ -137,8 +146,20 @@ class ModelSpec:
         for (path, var), (_, sharding) in zip(
             nnx.to_flat_state(abstract_state), shardings, strict=True
         ):
+            name = ".".join(map(str, path))
             target = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding.get_value())
-            flat.append((path, var.replace(make_array(".".join(map(str, path)), target))))
+            if not is_stacked(name):
+                flat.append((path, var.replace(make_array(name, target))))
+                continue
+            layer_target = jax.ShapeDtypeStruct(
+                var.shape[1:], var.dtype, sharding=layer_sharding(target.sharding)
+            )
+            stacked = _zeros(target)
+            for i in range(var.shape[0]):
+                layer = make_array(layer_name(name, i), layer_target)
+                stacked = _set_layer(stacked, layer, np.int32(i))
+                del layer
+            flat.append((path, var.replace(stacked)))
         return graphdef, nnx.from_flat_state(flat)
 
     def fill_from_float(
@@ -170,13 +191,22 @@ class ModelSpec:
         return self.fill(make)
 
     def targets(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """Every parameter's shape, dtype and sharding, by name."""
+        """Every parameter's shape, dtype and sharding, by per-layer name."""
         _, abstract = self.abstract()
-        shardings = named_params(self.shardings(abstract))
-        return {
-            name: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[name].get_value())
-            for name, var in named_params(abstract).items()
-        }
+        shardings = self.shardings(abstract)
+        out = {}
+        for (path, var), (_, sharding) in zip(
+            nnx.to_flat_state(abstract), nnx.to_flat_state(shardings), strict=True
+        ):
+            name, sharding = ".".join(map(str, path)), sharding.get_value()
+            if not is_stacked(name):
+                out[name] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
+                continue
+            for i in range(var.shape[0]):
+                out[layer_name(name, i)] = jax.ShapeDtypeStruct(
+                    var.shape[1:], var.dtype, sharding=layer_sharding(sharding)
+                )
+        return dict(sorted(out.items()))
 
     def random_state(self, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
         """Random parameters (normal with std 0.02; norm scales 1), each drawn on the host
@@ -203,18 +233,95 @@ class ModelSpec:
 
 
 def param_axes(config: ModelConfig, quantized: str | None = None) -> dict[str, tuple]:
-    """Every parameter's logical axes, by name, for a model of ``config`` (no mesh needed)."""
+    """Every parameter's logical axes, by per-layer name, for a model of ``config`` (no mesh
+    needed)."""
     model = nnx.eval_shape(lambda: Transformer(config, quantized=quantized, rngs=nnx.Rngs(0)))
-    return {
-        name: tuple(var.get_metadata()["logical_axes"])
-        for name, var in named_params(nnx.state(model)).items()
-    }
+    return {name: p.axes for name, p in named_params(nnx.state(model)).items()}
 
 
-def named_params(state: nnx.State) -> dict[str, nnx.Variable]:
-    """Flat ``{"layers.0.attn.wq": Param}`` view of a state, in a stable order."""
-    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+LAYERS = "layers."  # runtime names of stacked parameters start with this
+
+
+def is_stacked(name: str) -> bool:
+    """True for a runtime parameter name of a stacked decoder-layer parameter."""
+    return name.startswith(LAYERS)
+
+
+def layer_name(name: str, layer: int) -> str:
+    """``layers.attn.wq``, 3 -> ``layers.3.attn.wq``: a stacked parameter's layer as
+    checkpoints name it."""
+    return f"{LAYERS}{layer}.{name[len(LAYERS) :]}"
+
+
+def layer_sharding(sharding: NamedSharding) -> NamedSharding:
+    """The sharding of one layer of a stacked array (the rules never split ``layers``)."""
+    return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedParam:
+    """One parameter under its per-layer name: a whole array, or layer ``layer`` of a
+    stacked one (sliced when ``value()`` is called, so a view of a model costs nothing)."""
+
+    array: Any  # jax.Array, or a ShapeDtypeStruct for an abstract state
+    axes: tuple  # logical axes of the (per-layer) value
+    layer: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:] if self.layer is not None else self.array.shape)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    def value(self) -> jax.Array:
+        if self.layer is None:
+            return self.array
+        out = None
+        if isinstance(self.array.sharding, NamedSharding):
+            out = layer_sharding(self.array.sharding)
+        return _take_layer(self.array, np.int32(self.layer), out)
+
+
+def named_params(state: nnx.State) -> dict[str, NamedParam]:
+    """Flat ``{"layers.0.attn.wq": NamedParam}`` view of a state by per-layer names, in a
+    stable order (layers in numeric order)."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        name, value = ".".join(str(k) for k in path), var.get_value()
+        axes = tuple(var.get_metadata().get("logical_axes") or ())
+        if not is_stacked(name):
+            out[name] = NamedParam(value, axes)
+            continue
+        for i in range(value.shape[0]):
+            out[layer_name(name, i)] = NamedParam(value, axes[1:], i)
+    return out
 
 
 def param_bytes(state: nnx.State) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+# Stacking at load: the stacked array starts as zeros in its shards and each layer is
+# written into it in place (donated), compiled once per parameter shape.
+def _zeros(target: jax.ShapeDtypeStruct) -> jax.Array:
+    return _zeros_in(target.shape, jnp.dtype(target.dtype), target.sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros_in(shape, dtype, sharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, i) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, 0)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _take_layer(stacked: jax.Array, i, out_sharding) -> jax.Array:
+    layer = jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
+    if out_sharding is None:
+        return layer
+    return jax.lax.with_sharding_constraint(layer, out_sharding)

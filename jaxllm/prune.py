@@ -147,10 +147,11 @@ def _calibration_sums(
     inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
     mlp_sums, head_sums = [], []
-    for block in model.layers:
+    for i in range(cfg.num_layers):
+        block, window = model.block(i)
         h = block.attn_norm(x)
-        # No pages and no engine step: causal attention (block_pages is then unused).
-        args = (positions, cos, sin, None, None, 8, None)
+        # No pool and no engine step: causal attention (block_pages is then unused).
+        args = (positions, cos, sin, None, 0, None, 8, None, window)
         attn_out, _ = block.attn(h, *args)
         heads = _head_outputs(block.attn, h, *args)
         wo = block.attn.wo[...]  # [D, N, H]
@@ -219,9 +220,7 @@ def importance(
     params = named_params(state)
     down_norms = np.stack(
         [
-            np.linalg.norm(
-                np.asarray(params[f"layers.{i}.mlp.w_down"].get_value(), np.float32), axis=0
-            )
+            np.linalg.norm(np.asarray(params[f"layers.{i}.mlp.w_down"].value(), np.float32), axis=0)
             for i in range(runner.config.num_layers)
         ]
     )
@@ -319,7 +318,7 @@ def host_params(state: nnx.State | Mapping[str, Any]) -> dict[str, np.ndarray]:
     process must hold every shard) or from a mapping of arrays. The arrays are writable
     copies (a view of a device buffer would be read-only)."""
     if isinstance(state, nnx.State):
-        return {k: np.array(v.get_value()) for k, v in named_params(state).items()}
+        return {k: np.array(p.value()) for k, p in named_params(state).items()}
     return {k: np.array(v) for k, v in state.items()}
 
 

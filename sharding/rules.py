@@ -8,11 +8,12 @@ FSDP, as data-parallel replicas, or any mix, by handing it other rules.
 Weight names and activation names are kept apart, so that e.g. the model width of weights
 (``embed``, split by FSDP) and of activations (``act_embed``, never split) can differ.
 
-Weights:      vocab, embed, q_heads, kv_heads, head_dim, mlp, norm
+Weights:      layers (the stacked decoder layers' leading axis), vocab, embed, q_heads,
+              kv_heads, head_dim, mlp, norm
 Activations:  act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
-KV cache:     cache_batch, cache_pages (the paged pool's pages: replicated by every preset,
-              a gather of a sequence's pages never crosses devices), cache_kv_heads,
-              cache_sequence, cache_head_dim
+KV cache:     cache_layers, cache_batch, cache_pages (the paged pool's pages: replicated by
+              every preset, a gather of a sequence's pages never crosses devices),
+              cache_kv_heads, cache_sequence, cache_head_dim
 
 Two rules decide what happens where a layout cannot be honoured exactly:
 - a dimension that the mesh axes' total size does not divide (a vocabulary of 50257 over
@@ -32,9 +33,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LOGICAL_AXES: frozenset[str] = frozenset(
-    "vocab embed q_heads kv_heads head_dim mlp norm "
+    "layers vocab embed q_heads kv_heads head_dim mlp norm "
     "act_batch act_length act_embed act_heads act_kv_heads act_mlp act_vocab "
-    "cache_batch cache_pages cache_kv_heads cache_sequence cache_head_dim".split()
+    "cache_layers cache_batch cache_pages cache_kv_heads cache_sequence cache_head_dim".split()
 )
 
 AxisNames = tuple[str | None, ...]

@@ -8,17 +8,18 @@ import pytest
 
 from jaxllm import attention
 from jaxllm.attention import RowGroup
-from jaxllm.kv_cache import LayerPages
+from jaxllm.kv_cache import KVPool
 
 PAGE, BLOCK_PAGES, PAGES, K, G, H = 4, 2, 160, 2, 3, 8
 BLOCK = PAGE * BLOCK_PAGES
 WIDTH = 40  # page-table width: 160 positions
+LAYERS, LAYER = 3, 1  # the pool stacks layers; the tests read the middle one
 
 
 def pool(rng):
-    keys = rng.standard_normal((PAGES, PAGE, K, H), dtype=np.float32)
-    values = rng.standard_normal((PAGES, PAGE, K, H), dtype=np.float32)
-    return LayerPages(jnp.asarray(keys), jnp.asarray(values), None, None)
+    keys = rng.standard_normal((LAYERS, PAGES, PAGE, K, H), dtype=np.float32)
+    values = rng.standard_normal((LAYERS, PAGES, PAGE, K, H), dtype=np.float32)
+    return KVPool(jnp.asarray(keys), jnp.asarray(values))
 
 
 def rows(rng, lengths, C):
@@ -43,11 +44,13 @@ def run(q, table, lengths, positions, group, pages, window=None):
         jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(positions), jnp.asarray(group_blocks)
     )
     fn = jax.jit(attention.paged, static_argnames=("window", "block_pages"))
-    return np.asarray(fn(jnp.asarray(q), step, pages, window=window, block_pages=BLOCK_PAGES))
+    layer = jnp.int32(LAYER)  # traced, as in the model's scan over layers
+    out = fn(jnp.asarray(q), step, pages, layer, window=window, block_pages=BLOCK_PAGES)
+    return np.asarray(out)
 
 
 def dense(q, table, lengths, positions, pages, window=None):
-    keys, values = np.asarray(pages.keys), np.asarray(pages.values)
+    keys, values = np.asarray(pages.keys[LAYER]), np.asarray(pages.values[LAYER])
     out = np.zeros_like(q)
     for r, n in enumerate(lengths):
         slots = table[r, np.arange(n) // PAGE] * PAGE + np.arange(n) % PAGE

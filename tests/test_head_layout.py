@@ -104,7 +104,7 @@ def assert_heads_split(state, spec, t):
     for name, var in named_params(state).items():
         if name.split(".")[-1].removesuffix("_scale") not in HEAD_PARAMS:
             continue
-        array, axes = var.get_value(), var.get_metadata()["logical_axes"]
+        array, axes = var.value(), var.axes
         axis = [i for i, a in enumerate(axes) if a in ("q_heads", "kv_heads")]
         if not axis:  # wo's scale is per output channel: no head axis
             continue
@@ -199,6 +199,6 @@ def assert_same(state, expected):
     got, want = named_params(state), named_params(expected)
     assert got.keys() == want.keys()
     for name in want:
-        a, b = got[name].get_value(), want[name].get_value()
+        a, b = got[name].value(), want[name].value()
         assert a.shape == b.shape and a.dtype == b.dtype, name
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

@@ -286,7 +286,7 @@ def test_sharded_checkpoint_loads_across_a_device_mesh(llama, sharded):
     with jaxllm.LLM.load(
         sharded, mesh={"fsdp": 2, "tensor": 4}, rules="fsdp_tensor", warm_up=False
     ) as llm:
-        w_up = named_params(llm.runner.state)["layers.0.mlp.w_up"].get_value()
+        w_up = named_params(llm.runner.state)["layers.0.mlp.w_up"].value()
         assert w_up.sharding.spec == jax.P("tensor", "fsdp")  # really split, not replicated
         assert np.abs(llm.logits(ids[0].tolist()) - expected).max() <= 1e-4
 
@@ -344,7 +344,7 @@ def test_bfloat16_checkpoint_into_bfloat16_params_is_bit_exact(llama, tmp_path):
     model = copy.deepcopy(llama[1]).to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     _, state = load_hf_state(tmp_path, one_device_spec(tmp_path, jnp.bfloat16))
-    params = {k: np.asarray(v.get_value()) for k, v in named_params(state).items()}
+    params = {k: np.asarray(v.value()) for k, v in named_params(state).items()}
     assert {p.dtype for p in params.values()} == {np.dtype(ml_dtypes.bfloat16)}
 
     def hf(name):

@@ -17,7 +17,7 @@ import hf_models
 import jaxllm
 from jaxllm import cli, demo, prune
 from jaxllm import orbax_checkpoint as oc
-from jaxllm.params import ModelSpec
+from jaxllm.params import ModelSpec, named_params
 from jaxllm.tokenizer import byte_level_tokenizer
 from sharding import DEFAULT_RULES, make_mesh
 
@@ -200,7 +200,7 @@ def test_pruned_checkpoint_loads_on_an_8_device_mesh_and_generates(
     monkeypatch.chdir(tmp_path)  # a relative path, as `jaxllm generate --model half` gives
     with jaxllm.LLM.load(Path("half"), mesh=MESH, warm_up=False, max_num_seqs=2) as small:
         assert small.config.intermediate_size == 48
-        w_up = small.runner.state["layers"][1]["mlp"]["w_up"].get_value()
+        w_up = named_params(small.runner.state)["layers.1.mlp.w_up"].value()
         assert len(w_up.sharding.device_set) == 8 and not w_up.sharding.is_fully_replicated
         np.testing.assert_array_equal(np.asarray(w_up), source["layers.1.mlp.w_up"][kept[1]])
         out = small.generate("def f(x):", max_tokens=8, temperature=0, ignore_eos=True)

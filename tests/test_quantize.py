@@ -62,19 +62,23 @@ def test_int8_kv_pool_write_round_trip_and_size():
     of the float32 bytes."""
     rng = np.random.default_rng(1)
     P, page, K, H = 4, 8, 2, 64
-    pages = kv_cache.LayerPages(
-        jnp.zeros((P, page, K, H), jnp.int8),
-        jnp.zeros((P, page, K, H), jnp.int8),
-        jnp.zeros((P, page, K), jnp.float32),
-        jnp.zeros((P, page, K), jnp.float32),
+    L, layer = 2, 1  # a stacked pool; the write goes to layer 1 only
+    pages = kv_cache.KVPool(
+        jnp.zeros((L, P, page, K, H), jnp.int8),
+        jnp.zeros((L, P, page, K, H), jnp.int8),
+        jnp.zeros((L, P, page, K), jnp.float32),
+        jnp.zeros((L, P, page, K), jnp.float32),
     )
     new = rng.standard_normal((6, K, H)).astype(np.float32)
     # Two tokens on page 2, three across the end of page 0 and page 3, one padding token.
     slots = np.array([2 * page + 5, 2 * page + 6, 0 * page + 7, 3 * page, 3 * page + 1, P * page])
-    out = jax.jit(kv_cache.write)(pages, jnp.asarray(new), jnp.asarray(new * 2), slots)
+    write = jax.jit(kv_cache.write)
+    out = write(pages, jnp.int32(layer), jnp.asarray(new), jnp.asarray(new * 2), slots)
+    for buffer in out:
+        assert not np.asarray(buffer[0]).any()  # the other layer is untouched
     for stored, scales, want in [
-        (out.keys, out.key_scales, new),
-        (out.values, out.value_scales, new * 2),
+        (out.keys[layer], out.key_scales[layer], new),
+        (out.values[layer], out.value_scales[layer], new * 2),
     ]:
         assert stored.dtype == jnp.int8 and stored.shape == (P, page, K, H)
         flat = np.asarray(stored, np.float32).reshape(P * page, K, H)
@@ -112,9 +116,9 @@ def _dequantized_arrays(llm) -> dict:
     for name, var in params.items():
         if name.endswith(quantize.SCALE_SUFFIX):
             continue
-        value = var.get_value()
+        value = var.value()
         if value.dtype == jnp.int8:
-            value = quantize.dequantize(value, params[quantize.scale_name(name)].get_value())
+            value = quantize.dequantize(value, params[quantize.scale_name(name)].value())
         arrays[name] = value
     return arrays
 
@@ -124,14 +128,12 @@ def test_quantized_model_shards_like_float_and_computes_the_dequantized_model(hf
     llm_q = jaxllm.LLM.load(hf_dir, mesh=MESH, max_seq_len=64, quantize="int8", warm_up=False)
     float_params, int8_params = named_params(llm_f.runner.state), named_params(llm_q.runner.state)
     for name, var in float_params.items():
-        q = int8_params[name].get_value()
-        assert q.sharding.spec == var.get_value().sharding.spec, name  # same rules, same layout
+        q = int8_params[name].value()
+        assert q.sharding.spec == var.value().sharding.spec, name  # same rules, same layout
         if quantize.input_dims(name) is not None:
             assert q.dtype == jnp.int8
-            scale = int8_params[quantize.scale_name(name)].get_value()
-            expected_q, expected_scale = quantize.quantize(
-                var.get_value(), quantize.input_dims(name)
-            )
+            scale = int8_params[quantize.scale_name(name)].value()
+            expected_q, expected_scale = quantize.quantize(var.value(), quantize.input_dims(name))
             assert (np.asarray(q) == np.asarray(expected_q)).all(), name
             np.testing.assert_array_equal(scale, expected_scale)
     ratio = param_bytes(llm_q.runner.state) / param_bytes(llm_f.runner.state)
@@ -154,13 +156,9 @@ def test_quantized_model_shards_like_float_and_computes_the_dequantized_model(hf
 
 
 def _state_with(llm, values: dict):
-    from flax import nnx
-
-    flat = [
-        (path, var.replace(values[".".join(map(str, path))]))
-        for path, var in nnx.to_flat_state(llm.runner.state)
-    ]
-    return nnx.from_flat_state(flat)
+    """``llm``'s state with ``values`` (by per-layer name) in place of its own."""
+    spec = llm.runner.spec
+    return spec.fill(lambda name, target: jax.device_put(values[name], target.sharding))[1]
 
 
 def test_int8_checkpoints_from_convert_and_from_load_agree(hf_dir, tmp_path):

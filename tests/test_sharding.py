@@ -99,7 +99,7 @@ def test_sharded_logits_equal_single_device(checkpoint, single_device_logits, pr
     np.testing.assert_allclose(logits, single_device_logits, atol=1e-5, rtol=0)
     # The state really lives on all 8 devices, laid out as the rules say.
     for name, var in named_params(runner.state).items():
-        array = var.get_value()
+        array = var.value()
         assert len(array.sharding.device_set) == 8, name
 
 
@@ -158,6 +158,6 @@ def test_each_parameter_is_split_as_the_rules_say(checkpoint, preset, mesh_spec)
     )
     params = named_params(load_hf_state(path, spec)[1])
     for name, block in EXPECTED_BLOCKS[(preset, mesh_spec)].items():
-        array = params[name].get_value()
+        array = params[name].value()
         shapes = {shard.data.shape for shard in array.addressable_shards}
         assert shapes == {block}, (name, shapes)
