@@ -28,9 +28,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-dtype", choices=["int8"], help="int8 KV cache: ~3.8x the tokens per byte"
     )
+    parser.add_argument(
+        "--compilation-cache",
+        metavar="DIR|off",
+        help="keep compiled programs here across starts (default ~/.cache/jaxllm/xla; off: none)",
+    )
 
 
 def _load(args, warm_up: bool):
+    from jaxllm import startup
     from jaxllm.llm import LLM
 
     options = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}
@@ -43,6 +49,7 @@ def _load(args, warm_up: bool):
         rules=args.rules,
         quantize=args.quantize,
         warm_up=warm_up,
+        compilation_cache=startup.cache_option(args.compilation_cache),
         **options,
     )
 

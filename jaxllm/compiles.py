@@ -9,9 +9,12 @@ import jax
 
 
 class CompileCounter:
-    """Counts XLA compilations in this process (jax.monitoring's backend-compile event)."""
+    """Counts XLA compilations in this process (jax.monitoring's backend-compile event).
+    ``count`` includes programs loaded from the persistent compilation cache (JAX reports
+    those as compiles too); ``cache_hits`` counts those alone."""
 
     count = 0
+    cache_hits = 0
     _installed = False
     _lock = threading.Lock()
 
@@ -20,9 +23,15 @@ class CompileCounter:
         with cls._lock:
             if not cls._installed:
                 jax.monitoring.register_event_duration_secs_listener(cls._on_event)
+                jax.monitoring.register_event_listener(cls._on_cache_event)
                 cls._installed = True
 
     @classmethod
     def _on_event(cls, event: str, duration: float, **_) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             cls.count += 1
+
+    @classmethod
+    def _on_cache_event(cls, event: str, **_) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            cls.cache_hits += 1

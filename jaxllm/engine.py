@@ -24,6 +24,7 @@ turns NOT_SERVING) rather than anything hanging.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import queue
@@ -47,6 +48,7 @@ from jaxllm.sampling import Sampled, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.scheduler import Sequence as SchedSequence
 from jaxllm.scoring import PromptScorer
+from jaxllm.startup import StartupReport
 from jaxllm.tokenizer import Tokenizer
 
 __all__ = ["CompileCounter", "Engine", "EngineConfig"]
@@ -74,10 +76,13 @@ class Engine:
         config: EngineConfig,
         *,
         warm_up_prompt_logprobs: bool = False,
+        startup: StartupReport | None = None,
     ):
         """``warm_up_prompt_logprobs`` makes warm-up also compile the prompt-scoring
         buckets (``jaxllm.scoring``); without it the first prompt_logprobs request of each
-        length bucket compiles on the engine thread."""
+        length bucket compiles on the engine thread. ``startup``: the report of the load
+        that made ``runner``, completed by ``warm_up`` (``jaxllm.startup``)."""
+        self.startup = startup or StartupReport()
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         self.warm_up_prompt_logprobs = warm_up_prompt_logprobs
         self.num_pages = pool_pages(runner, config)
@@ -122,9 +127,17 @@ class Engine:
         ]
         for thread in self._threads:
             thread.start()
+        # Daemon threads never keep a script alive, but one still inside XLA (compiling,
+        # running or awaiting a step) when the interpreter finalizes is killed by
+        # pthread_exit unwinding through C++ frames: the process aborts ("FATAL: exception
+        # not rethrown", status -6). atexit handlers run after non-daemon threads end and
+        # before finalization, last registered first, so this stops the threads also before
+        # JAX's own exit handler (registered at import) tears its backends down.
+        atexit.register(self.stop)
         return self
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
@@ -275,6 +288,7 @@ class Engine:
             "preemptions": sched.preemptions,
             "steps": self.steps,
             "compiles": CompileCounter.count,
+            "startup": self.startup.as_dict(),
         }
 
     def wait_idle(self, timeout: float = 60.0) -> None:
@@ -297,12 +311,14 @@ class Engine:
         np.asarray(sampled.tokens)
         if self.warm_up_prompt_logprobs:
             self._scorer.warm_up()
+        seconds = time.perf_counter() - start
         log.info(
             "warm-up: %d step shapes, %d compiles, %.1f s",
             len(self.config.step_shapes),
             CompileCounter.count - compiles,
-            time.perf_counter() - start,
+            seconds,
         )
+        self.startup.ready(seconds)
 
     def abort(self, error: BaseException) -> None:
         """Fails every queued and running request with ``error`` and refuses new ones (a lost

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxllm import demo, orbax_checkpoint, padding
+from jaxllm import demo, orbax_checkpoint, padding, startup
 from jaxllm.chat import chat_prompt_ids
 from jaxllm.config import ModelConfig
 from jaxllm.engine import Engine
@@ -85,6 +86,7 @@ class LLM:
         warm_up: bool = True,
         start: bool = True,
         warm_up_prompt_logprobs: bool = False,
+        compilation_cache: str | Path | bool = True,
         **engine_options,
     ) -> LLM:
         """Loads a model sharded over ``mesh`` by ``rules`` and starts its engine.
@@ -107,7 +109,15 @@ class LLM:
 
         ``warm_up_prompt_logprobs=True`` also compiles the prompt-scoring pass for every
         prompt-length bucket at warm-up (``jaxllm.scoring``), so ``prompt_logprobs``
-        requests never compile while serving; otherwise the first one of each bucket does."""
+        requests never compile while serving; otherwise the first one of each bucket does.
+
+        ``compilation_cache``: where compiled programs are kept across processes, so a second
+        start of the same model and options compiles nothing (``jaxllm.startup``): ``True``
+        (default) a per-user folder (``~/.cache/jaxllm/xla``, or the folder JAX is already
+        configured with), a path, or ``False`` for none. Start-up times are logged and kept
+        in ``llm.engine.stats()["startup"]``."""
+        cache_dir = startup.use_compilation_cache(compilation_cache)
+        report = startup.StartupReport(cache_dir=str(cache_dir) if cache_dir else None)
         if mesh is None and jax.default_backend() == "cpu":
             mesh = make_mesh({"tensor": 1}, devices=jax.local_devices()[:1])
         mesh = make_mesh(mesh)
@@ -133,8 +143,14 @@ class LLM:
         spec = ModelSpec(config, dtype, mesh, get_rules(rules), quantized=quantize)
         # Bytes as read: a float checkpoint quantized at load is read in float.
         total = config.num_params * (1 if stored_quantized else jnp.dtype(dtype).itemsize)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar:
+        report.weight_bytes = total
+        began = time.perf_counter()
+        with (
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar,
+            startup.recording(report),
+        ):
             graphdef, state = loader(path, spec, lambda _, n: bar.update(n))
+        report.weights_done(time.perf_counter() - began)
         engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))
         unknown = set(engine_options) - {f.name for f in dataclasses.fields(EngineConfig)}
         if unknown:
@@ -153,6 +169,7 @@ class LLM:
             tokenizer,
             engine_config,
             warm_up_prompt_logprobs=warm_up_prompt_logprobs,
+            startup=report,
         )
         if start:
             engine.start(warm_up=warm_up)
@@ -161,7 +178,8 @@ class LLM:
         return cls(engine, name)
 
     def close(self) -> None:
-        """Stops the engine's threads (also done at interpreter exit)."""
+        """Stops the engine's threads (``Engine.start`` also has them stopped at interpreter
+        exit, after the current step)."""
         self.engine.stop()
 
     def __enter__(self) -> LLM:

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm import head_layout, quantize
+from jaxllm import head_layout, quantize, startup
 from jaxllm.config import ModelConfig
 from jaxllm.model import Transformer
 from sharding import ShardingRules
@@ -154,13 +154,18 @@ class ModelSpec:
             layer_target = jax.ShapeDtypeStruct(
                 var.shape[1:], var.dtype, sharding=layer_sharding(target.sharding)
             )
-            stacked = _zeros(target)
+            with startup.placing():
+                stacked = _zeros(target)
             for i in range(var.shape[0]):
                 layer = make_array(layer_name(name, i), layer_target)
-                stacked = _set_layer(stacked, layer, np.int32(i))
+                with startup.placing():
+                    stacked = _set_layer(stacked, layer, np.int32(i))
                 del layer
             flat.append((path, var.replace(stacked)))
-        return graphdef, nnx.from_flat_state(flat)
+        state = nnx.from_flat_state(flat)
+        with startup.placing():
+            jax.block_until_ready(state)
+        return graphdef, state
 
     def fill_from_float(
         self, read: Callable[[str, jax.ShapeDtypeStruct], jax.Array]

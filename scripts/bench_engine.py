@@ -46,6 +46,11 @@ matplotlib). The engine's warm-up at each ``LLM.load`` (six loads; four with ``-
 takes much of the run. Run from the repository root:
 
     python scripts/bench_engine.py [--quick] [--models llama8 llama24] [--out out]
+
+On an accelerator without torch (``scripts/device_check.sh``), ``--engine-only`` runs the
+engine alone: a random Llama written without transformers (``--models llama1b --dtype
+bfloat16``), batch-1 decode MBU against the device's read bandwidth measured in the same run,
+tokens/s at ``--concurrency``, compiles in timed regions.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")  # loading bars would drown the table
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxllm
@@ -73,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench_common import (
     GIB,
     Regions,
+    best_time,
     build_checkpoint,
     common_prefix,
     engine_round,
@@ -113,6 +120,9 @@ MODELS = {
     "llama8": ModelDims("8-layer ~100M", 768, 2048, 8, 12, 4),
     "llama24": ModelDims("24-layer ~1.1 GB", 1024, 2048, 24, 16, 4),
     "quick": ModelDims("quick 4-layer ~20M", 256, 704, 4, 4, 2),
+    # --engine-only (accelerators): TinyLlama-1.1B's shape, and a tiny one for dry runs.
+    "llama1b": ModelDims("22-layer ~1.1B", 2048, 5632, 22, 32, 4),
+    "tiny": ModelDims("tiny 2-layer ~1M", 64, 128, 2, 4, 2, vocab=512),
 }
 CHILD_MAX_SEQ_LEN = 4096  # the issue's interference and peak-RSS setting
 TARGETS = {
@@ -391,6 +401,195 @@ def run_child(path: Path, argv: Sequence[str], out_file: Path) -> dict:
     return json.loads(out_file.read_text())
 
 
+# -- --engine-only: an accelerator without torch or transformers ---------------------------
+
+
+def measure_device_read_bandwidth(gib: float, repeats: int) -> dict:
+    """GB/s reading one float32 array on the default device: jitted jnp.sum and a jitted
+    matrix-vector product (JAX only; no torch). MBU on an accelerator divides by the best."""
+    n = int(gib * GIB) // 4 // 4096 * 4096  # rows of 4096 for the matvec
+    with noise_meter() as noise:
+        x = jnp.ones((n,), jnp.float32)
+        total, matvec = jax.jit(jnp.sum), jax.jit(lambda x: x.reshape(-1, 4096) @ x[:4096])
+        seconds = {
+            "jax_sum": best_time(lambda: total(x).block_until_ready(), repeats),
+            "jax_matvec": best_time(lambda: matvec(x).block_until_ready(), repeats),
+        }
+    gbps = {f"{k}_read_gbps": n * 4 / t / 1e9 for k, t in seconds.items()}
+    return {
+        "array_bytes": n * 4,
+        **gbps,
+        "best_read_gbps": max(gbps.values()),
+        "device": str(jax.devices()[0]),
+        "noise": dataclasses.asdict(noise),
+    }
+
+
+def write_random_checkpoint(folder: Path, dims: ModelDims, dtype: str) -> dict:
+    """A random Llama as a Hugging Face folder written without torch: config.json, one
+    safetensors file (normal, std 0.02; norm scales 1) and the byte-level tokenizer."""
+    import ml_dtypes
+
+    from jaxllm.tokenizer import byte_level_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    D, F, N, K = dims.hidden, dims.intermediate, dims.heads, dims.kv_heads
+    H = D // N
+    shapes = {"model.embed_tokens.weight": (dims.vocab, D), "model.norm.weight": (D,)}
+    shapes["lm_head.weight"] = (dims.vocab, D)
+    for i in range(dims.layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (N * H, D),
+            p + "self_attn.k_proj.weight": (K * H, D),
+            p + "self_attn.v_proj.weight": (K * H, D),
+            p + "self_attn.o_proj.weight": (D, N * H),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+        }
+    np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
+    tag = {"bfloat16": "BF16", "float32": "F32"}[dtype]
+    itemsize = np.dtype(np_dtype).itemsize
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = np.random.default_rng(dims.seed)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                value = np.ones(shape, np.float32)
+            else:
+                value = rng.standard_normal(shape, np.float32) * np.float32(0.02)
+            f.write(value.astype(np_dtype).tobytes())
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": D,
+        "intermediate_size": F,
+        "num_hidden_layers": dims.layers,
+        "num_attention_heads": N,
+        "num_key_value_heads": K,
+        "vocab_size": dims.vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "bos_token_id": 256,
+        "eos_token_id": 257,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    byte_level_tokenizer().save(folder)
+    params = sum(int(np.prod(s)) for s in shapes.values())
+    return {
+        "hidden": D,
+        "intermediate": F,
+        "layers": dims.layers,
+        "heads": N,
+        "kv_heads": K,
+        "head_dim": H,
+        "vocab": dims.vocab,
+        "params": params,
+        "dtype": dtype,
+        "weight_bytes": params * itemsize,
+        # What one decode step reads: every weight but the embedding table (one row of it).
+        "decode_weight_bytes": (params - dims.vocab * D + D) * itemsize,
+        "kv_bytes_per_token": 2 * dims.layers * K * H * itemsize,
+    }
+
+
+def engine_only(args, started: float) -> dict:
+    """The engine alone on the default device (no torch, no transformers): the device's
+    read bandwidth, a random Llama of ``--models``' first preset in ``--dtype``, batch-1
+    decode rounds and their MBU, output tokens/s at ``--concurrency``, compiles in every
+    timed region. Writes ``bench_engine.json`` under ``--out``."""
+    from _bench_engine_report import decode_result, summarise_rounds
+
+    regions = Regions()
+    name = args.models[0]
+    dims = MODELS[name]
+    results: dict = {
+        "mode": "engine_only",
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "jax_backend": jax.default_backend(),
+            "jax_devices": [str(d) for d in jax.devices()],
+        },
+    }
+
+    def step(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {msg}", flush=True)
+
+    step("device read bandwidth")
+    limits = {"read_bandwidth": measure_device_read_bandwidth(args.bandwidth_gib, args.repeats)}
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as folder:
+        path = Path(folder) / name
+        step(f"writing a random {dims.label} Llama in {args.dtype}")
+        model = write_random_checkpoint(path, dims, args.dtype)
+        step(f"loading {name}")
+        options = dict(kv.split("=", 1) for kv in args.engine_options)
+        options = {k: int(v) if v.isdigit() else v for k, v in options.items()}
+        options.setdefault("max_seq_len", args.max_seq_len)
+        llm, info = load(path, regions, dtype=args.dtype, **options)
+        prompts = make_prompts(args.rounds + 1, args.prompt_len, seed=1)
+        engine_round(llm, [prompts[0]], 4)  # throwaway
+        step(f"batch-1 decode, {args.decode_tokens} tokens x {args.rounds}")
+        rounds = []
+        for i in range(args.rounds):
+            with regions.region(f"{name}/batch1/round{i}", llm):
+                rounds.append(engine_round(llm, [prompts[1 + i]], args.decode_tokens))
+        decode = decode_result(rounds, model, args)
+        sweep_out = {}
+        for c in args.concurrency:
+            step(f"{c} concurrent")
+            batch = make_prompts(c, args.prompt_len, seed=100 + c)
+            engine_round(llm, batch[: min(2, c)], 4)  # throwaway
+            runs = []
+            for i in range(args.rounds):
+                with regions.region(f"{name}/c{c}/round{i}", llm):
+                    runs.append(engine_round(llm, batch, args.output_len))
+            sweep_out[str(c)] = summarise_rounds(runs)
+        stats = engine_stats(llm)
+        release(llm)
+    limits["read_bandwidth_end"] = measure_device_read_bandwidth(args.bandwidth_gib, args.repeats)
+    read = max(v["best_read_gbps"] for v in limits.values())
+    decode["mbu"] = decode["achieved_gbps"] / read
+    compiles = sum(r["xla_compiles"] for r in regions.data.values())
+    results["machine"]["limits"] = limits
+    results["read_bandwidth_gbps"] = read
+    results["model"] = {"name": name, "label": dims.label, **model}
+    results["load"] = info
+    results["decode"] = decode
+    results["sweep"] = sweep_out
+    results["engine_stats"] = stats
+    results["compiles_in_timed_regions"] = regions.data
+    results["xla_compiles_in_timed_regions"] = compiles
+    results["total_s"] = time.perf_counter() - started
+    out = args.out / "bench_engine.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    best = max(sweep_out.values(), key=lambda r: r["tokens_per_s"]) if sweep_out else None
+    print(
+        f"\n{name} ({model['params'] / 1e9:.2f}B, {args.dtype}) on {jax.devices()[0]}: "
+        f"batch-1 step {decode['step_ms']:.2f} ms, {decode['achieved_gbps']:.0f} GB/s of "
+        f"{read:.0f} GB/s read bandwidth (MBU {decode['mbu']:.2f})"
+        + (f"; best {best['tokens_per_s']:.0f} tokens/s" if best else "")
+        + f"; {compiles} compiles in timed regions\nwrote {out} in {results['total_s']:.0f} s"
+    )
+    return results
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -420,6 +619,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gib", type=float, default=1.0)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5, help="repeats of the limit kernels")
+    p.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="the engine alone on the default device, no torch/transformers (GPU/TPU runs): "
+        "read bandwidth, batch-1 decode MBU, tokens/s at --concurrency; the first of --models",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-seq-len", type=int, default=1024, help="with --engine-only")
+    p.add_argument("--engine-options", nargs="*", default=[], help="KEY=VALUE, --engine-only")
     p.add_argument("--child-latency", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -443,6 +651,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return results
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if args.engine_only:
+        return engine_only(args, started)
     regions = Regions()
     results: dict = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

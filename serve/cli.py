@@ -71,7 +71,7 @@ def serve_config(args) -> ServeConfig:
     flags = {
         name: getattr(args, name)
         for name in ("model", "mesh", "dtype", "rules", "quantize", "warm_up_prompt_logprobs")
-        + ("host", "port")
+        + ("compilation_cache", "host", "port")
         + ("metrics_port", "http_port", "served_model_name", "api_key")
         + ("max_queue", "tls_cert", "tls_key", "auth_token_file", "drain_timeout_s")
         + ("stream_interval", "sample_prompt", "peer_timeout_s", "lockstep_port")

@@ -17,6 +17,7 @@ import yaml
 
 from jaxllm.distributed import DistributedConfig
 from jaxllm.engine_config import EngineConfig
+from jaxllm.startup import cache_option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class ServeConfig:
     # of each bucket compiles on the engine thread and stalls every stream meanwhile. Of no
     # use on several processes, which refuse prompt logprobs.
     warm_up_prompt_logprobs: bool = False
+    # Compiled programs kept across starts (jaxllm.startup): None = the per-user default
+    # folder (~/.cache/jaxllm/xla), "off" = none, else a folder.
+    compilation_cache: str | None = None
     engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # EngineConfig fields
     host: str = "127.0.0.1"  # loopback unless asked: the API has no auth by default
     port: int = 50051
@@ -117,6 +121,7 @@ class ServeConfig:
         server loads with these: they decide which programs it compiles."""
         options = dict(mesh=self.mesh, dtype=self.dtype, rules=self.rules, quantize=self.quantize)
         options["warm_up_prompt_logprobs"] = self.warm_up_prompt_logprobs
+        options["compilation_cache"] = cache_option(self.compilation_cache)
         return {**options, **self.engine}
 
     @property

@@ -85,6 +85,18 @@ class Metrics:
         self.warm_up_seconds = Gauge(
             "jaxllm_warm_up_seconds", "Time to compile every shape", registry=r
         )
+        self.startup_seconds = Gauge(
+            "jaxllm_startup_seconds",
+            "Start-up time by phase: read, place, compile, total (jaxllm.startup)",
+            ["phase"],
+            registry=r,
+        )
+        self.startup_programs = Gauge(
+            "jaxllm_startup_programs",
+            "XLA programs at start-up: compiled, or loaded from the compilation cache",
+            ["source"],
+            registry=r,
+        )
 
     def watch(self, engine: Engine, admission: Admission) -> None:
         """Reads the live figures at scrape time, so they are never stale."""
@@ -100,6 +112,13 @@ class Metrics:
         self.prefix_hit_tokens.set_function(lambda: engine.stats()["prefix_hit_tokens"])
         self.preemptions.set_function(lambda: engine.stats()["preemptions"])
         self.compiles.set_function(lambda: engine.stats()["compiles"])
+        report = engine.startup
+        for phase in ("read", "place", "compile", "total"):
+            self.startup_seconds.labels(phase).set_function(
+                lambda phase=phase: getattr(report, f"{phase}_s")
+            )
+        self.startup_programs.labels("compiled").set_function(lambda: report.programs_compiled)
+        self.startup_programs.labels("cache").set_function(lambda: report.programs_cached)
 
     def serve_http(self, host: str, port: int) -> int:
         """Starts the /metrics endpoint in a thread; returns the port bound (for port 0)."""

@@ -217,7 +217,21 @@ class LLMServicer(pb_grpc.LLMServicer):
             kv_pages_free=stats["pages_free"],
             prefix_cache_hit_rate=stats["prefix_hit_rate"],
             preemptions=stats["preemptions"],
+            startup=_startup_stats(stats["startup"]),
         )
+
+
+def _startup_stats(report: dict) -> pb.StartupStats:
+    return pb.StartupStats(
+        read_seconds=report["read_s"],
+        place_seconds=report["place_s"],
+        compile_seconds=report["compile_s"],
+        total_seconds=report["total_s"],
+        programs_compiled=report["programs_compiled"],
+        programs_cached=report["programs_cached"],
+        compilation_cache_dir=report["cache_dir"] or "",
+        weight_bytes=report["weight_bytes"],
+    )
 
 
 class _Choice:

@@ -5,10 +5,13 @@ XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAXLLM_TEST_REAL_DEVICES=1 (scripts/device_check.sh) runs on the machine's own devices
+# (a GPU) instead; tests that need 8 devices then skip or fail there, which the script reports.
+if not os.environ.get("JAXLLM_TEST_REAL_DEVICES"):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

@@ -159,7 +159,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("slots_in_use", "queue_depth", "in_flight", "kv_cache_usage", "draining", "kv_pages_used", "kv_pages_cached", "kv_pages_free", "prefix_cache_hit_rate", "preemptions")
+    __slots__ = ("slots_in_use", "queue_depth", "in_flight", "kv_cache_usage", "draining", "kv_pages_used", "kv_pages_cached", "kv_pages_free", "prefix_cache_hit_rate", "preemptions", "startup")
     SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class ServerStats(_message.Message):
     KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STARTUP_FIELD_NUMBER: _ClassVar[int]
     slots_in_use: int
     queue_depth: int
     in_flight: int
@@ -180,4 +181,25 @@ class ServerStats(_message.Message):
     kv_pages_free: int
     prefix_cache_hit_rate: float
     preemptions: int
-    def __init__(self, slots_in_use: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    startup: StartupStats
+    def __init__(self, slots_in_use: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ..., startup: _Optional[_Union[StartupStats, _Mapping]] = ...) -> None: ...
+
+class StartupStats(_message.Message):
+    __slots__ = ("read_seconds", "place_seconds", "compile_seconds", "total_seconds", "programs_compiled", "programs_cached", "compilation_cache_dir", "weight_bytes")
+    READ_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PLACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_COMPILED_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    COMPILATION_CACHE_DIR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    read_seconds: float
+    place_seconds: float
+    compile_seconds: float
+    total_seconds: float
+    programs_compiled: int
+    programs_cached: int
+    compilation_cache_dir: str
+    weight_bytes: int
+    def __init__(self, read_seconds: _Optional[float] = ..., place_seconds: _Optional[float] = ..., compile_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., programs_compiled: _Optional[int] = ..., programs_cached: _Optional[int] = ..., compilation_cache_dir: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
