@@ -112,7 +112,8 @@ def _attend(
         m, total, acc = carry  # [R, K, G, C], same, [R, K, G, C, H]
         ids = jax.lax.dynamic_slice_in_dim(rows.page_table, i * block_pages, block_pages, 1)
         keys = gather(pool.keys, ids).astype(q.dtype)  # [R, S, K, H]
-        scores = jnp.einsum("RCKGH,RSKH->RKGCS", q, keys).astype(jnp.float32) * H**-0.5
+        scores = jnp.einsum("RCKGH,RSKH->RKGCS", q, keys, preferred_element_type=jnp.float32)
+        scores = scores * H**-0.5
         if pool.quantized:  # int8: scale each key's scores, not its bytes
             key_scales = gather(pool.key_scales, ids)  # [R, S, K]
             scores = scores * jnp.swapaxes(key_scales, 1, 2)[:, :, None, None, :]
@@ -129,8 +130,10 @@ def _attend(
             value_scales = gather(pool.value_scales, ids)
             probs = probs * jnp.swapaxes(value_scales, 1, 2)[:, :, None, None, :]
         values = gather(pool.values, ids).astype(q.dtype)
-        update = jnp.einsum("RKGCS,RSKH->RKGCH", probs.astype(q.dtype), values)
-        return m_new, total, acc * alpha[..., None] + update.astype(jnp.float32)
+        update = jnp.einsum(
+            "RKGCS,RSKH->RKGCH", probs.astype(q.dtype), values, preferred_element_type=jnp.float32
+        )
+        return m_new, total, acc * alpha[..., None] + update
 
     init = (
         jnp.full((R, K, G, C), _NEG, jnp.float32),
@@ -160,7 +163,9 @@ def causal(
     if kv_cache.is_int8(kv_dtype):
         k, scale_k = kv_cache.quantize_heads(k)  # [B, T, K, H] int8, [B, T, K]
         v, scale_v = kv_cache.quantize_heads(v)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    )
     scores = scores * H**-0.5
     if scale_k is not None:
         scores = scores * jnp.swapaxes(scale_k, 1, 2)[:, :, None, None, :]
@@ -171,5 +176,10 @@ def causal(
     probs = jax.nn.softmax(scores, axis=-1)
     if scale_v is not None:
         probs = probs * jnp.swapaxes(scale_v, 1, 2)[:, :, None, None, :]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(q.dtype), v.astype(q.dtype))
-    return out.reshape(B, T, N, H)
+    out = jnp.einsum(
+        "BKGTS,BSKH->BTKGH",
+        probs.astype(q.dtype),
+        v.astype(q.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    return out.astype(q.dtype).reshape(B, T, N, H)

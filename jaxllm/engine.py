@@ -25,8 +25,10 @@ turns NOT_SERVING) rather than anything hanging.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import itertools
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -34,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import jax
 import numpy as np
 
 from jaxllm import step
@@ -303,18 +306,26 @@ class Engine:
                 self._wake.wait(0.01)
 
     def warm_up(self) -> None:
-        """Compiles every step shape by running it once with padding only (nothing is
-        written to the pool), and the prompt-scoring buckets if asked."""
+        """Compiles every step shape ahead of time (and the prompt-scoring buckets if
+        asked): all programs are lowered first, then compiled concurrently, one per core
+        (XLA compiles a program on one thread), or loaded from the persistent compilation
+        cache (``jaxllm.startup``). Nothing runs on the device: no step executes, so a
+        multi-host warm-up makes no collective call."""
         start, compiles = time.perf_counter(), CompileCounter.count
+        programs: dict[tuple, jax.stages.Lowered] = {}
         for shape in self.config.step_shapes:
-            sampled = self.run_step(step.padding_only(shape, self.config, self.num_pages))
-        np.asarray(sampled.tokens)
+            inp = step.padding_only(shape, self.config, self.num_pages)
+            programs |= self._step.lower(self.runner.params, self.pool, inp)
+        workers = max(1, min(len(programs), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers, "jaxllm-compile") as pool:
+            list(pool.map(lambda lowered: lowered.compile(), programs.values()))
         if self.warm_up_prompt_logprobs:
             self._scorer.warm_up()
         seconds = time.perf_counter() - start
         log.info(
-            "warm-up: %d step shapes, %d compiles, %.1f s",
+            "warm-up: %d step shapes, %d programs, %d compiles, %.1f s",
             len(self.config.step_shapes),
+            len(programs),
             CompileCounter.count - compiles,
             seconds,
         )

@@ -87,6 +87,7 @@ class LLM:
         start: bool = True,
         warm_up_prompt_logprobs: bool = False,
         compilation_cache: str | Path | bool = True,
+        scan_layers: bool | None = None,
         **engine_options,
     ) -> LLM:
         """Loads a model sharded over ``mesh`` by ``rules`` and starts its engine.
@@ -115,7 +116,12 @@ class LLM:
         start of the same model and options compiles nothing (``jaxllm.startup``): ``True``
         (default) a per-user folder (``~/.cache/jaxllm/xla``, or the folder JAX is already
         configured with), a path, or ``False`` for none. Start-up times are logged and kept
-        in ``llm.engine.stats()["startup"]``."""
+        in ``llm.engine.stats()["startup"]``.
+
+        ``scan_layers``: run the decoder layers with ``jax.lax.scan`` over stacked weights,
+        so compile time does not grow with depth; None (default) scans except on CPU, where
+        XLA copies each layer's weights out of the stack before its matmuls (``jaxllm.model``).
+        Logits are the same either way."""
         cache_dir = startup.use_compilation_cache(compilation_cache)
         report = startup.StartupReport(cache_dir=str(cache_dir) if cache_dir else None)
         if mesh is None and jax.default_backend() == "cpu":
@@ -140,7 +146,9 @@ class LLM:
             tokenizer = Tokenizer.from_dir(path)
             loader = load_hf_state
             stored_quantized = None
-        spec = ModelSpec(config, dtype, mesh, get_rules(rules), quantized=quantize)
+        spec = ModelSpec(
+            config, dtype, mesh, get_rules(rules), quantized=quantize, scan_layers=scan_layers
+        )
         # Bytes as read: a float checkpoint quantized at load is read in float.
         total = config.num_params * (1 if stored_quantized else jnp.dtype(dtype).itemsize)
         report.weight_bytes = total

@@ -53,9 +53,13 @@ class ModelSpec:
     # False: heads that the tensor axis does not divide are replicated instead of padded and
     # copied (training: a copied KV head would get its own gradient and drift apart).
     split_heads: bool = True
+    # Stacked layers run by jax.lax.scan (jaxllm.model); None: scanned except on CPU.
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         quantize.check_method(self.quantized)
+        if self.scan_layers is None:
+            object.__setattr__(self, "scan_layers", default_scan_layers())
         stored = self.config.stored
         layout = head_layout.plan(stored.num_heads, stored.num_kv_heads, self.head_split)
         if not layout.is_identity:
@@ -115,6 +119,7 @@ class ModelSpec:
             mesh=self.mesh,
             rules=self.rules,
             quantized=self.quantized,
+            scan_layers=self.scan_layers,
             rngs=nnx.Rngs(seed),
         )
 
@@ -244,12 +249,19 @@ def param_axes(config: ModelConfig, quantized: str | None = None) -> dict[str, t
     return {name: p.axes for name, p in named_params(nnx.state(model)).items()}
 
 
-LAYERS = "layers."  # runtime names of stacked parameters start with this
+LAYERS = "layers."  # parameter names of decoder layers start with this
+
+
+def default_scan_layers() -> bool:
+    """Scan stacked layers except on CPU, where XLA copies each scanned layer's weights
+    before its matmuls (``jaxllm.model``)."""
+    return jax.default_backend() != "cpu"
 
 
 def is_stacked(name: str) -> bool:
-    """True for a runtime parameter name of a stacked decoder-layer parameter."""
-    return name.startswith(LAYERS)
+    """True for a runtime name of a stacked decoder-layer parameter (``layers.attn.wq``;
+    an unscanned model's ``layers.0.attn.wq`` is one layer's)."""
+    return name.startswith(LAYERS) and not name[len(LAYERS) :].split(".")[0].isdigit()
 
 
 def layer_name(name: str, layer: int) -> str:

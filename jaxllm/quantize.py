@@ -101,19 +101,29 @@ def dequantize(q: Int8[Array, "*dims"], scale: Array, dtype=jnp.float32) -> Arra
     return (q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * in_dims)).astype(dtype)
 
 
-def linear(x: Float[Array, "B T I"], w: Array, scale: Array | None, in_dims: int = 1) -> Array:
+def linear(
+    x: Float[Array, "B T I"],
+    w: Array,
+    scale: Array | None,
+    in_dims: int = 1,
+    out_dtype=None,
+) -> Array:
     """``x @ w.T`` for a weight ``w [*out, *in]`` stored ``[out, in]`` (its last ``in_dims``
     dims flattened are ``I``), float or int8 (then ``scale [*out]``); returns
-    ``[B, T, *out]``. An int8 weight is never copied to float whole for few rows (see the
-    module docstring)."""
+    ``[B, T, *out]`` in ``out_dtype`` (default: ``x``'s). Products accumulate in float32
+    whatever the operands (bfloat16 on TPU/GPU). An int8 weight is never copied to float
+    whole for few rows (see the module docstring)."""
+    out_dtype = out_dtype or x.dtype
     out_shape = w.shape[: w.ndim - in_dims]
     w2 = w.reshape(math.prod(out_shape), x.shape[-1])
     B, T, _ = x.shape
     if scale is None:
-        return jnp.einsum("BTI,OI->BTO", x, w2).reshape(B, T, *out_shape)
+        y = jnp.einsum("BTI,OI->BTO", x, w2, preferred_element_type=jnp.float32)
+        return y.astype(out_dtype).reshape(B, T, *out_shape)
     x2 = x.reshape(B * T, x.shape[-1])
     if jax.default_backend() != "cpu":
-        y = x2 @ w2.astype(x.dtype).T  # GPU/TPU compilers fuse the conversion into the matmul
+        # GPU/TPU compilers fuse the conversion into the matmul.
+        y = jnp.matmul(x2, w2.astype(x.dtype).T, preferred_element_type=jnp.float32)
     elif B * T <= ROW_LOOP_MAX_ROWS:
         # One vector @ matrix.T per row: the spelling XLA:CPU fuses with the conversion.
         x2 = _materialized(x2)
@@ -121,8 +131,8 @@ def linear(x: Float[Array, "B T I"], w: Array, scale: Array | None, in_dims: int
         y = jnp.stack([x2[r] @ wf.T for r in range(B * T)])
     else:
         y = _blockwise(x2, w2)
-    y = y * scale.reshape(1, -1).astype(y.dtype)
-    return y.reshape(B, T, *out_shape)
+    y = y.astype(jnp.float32) * scale.reshape(1, -1).astype(jnp.float32)
+    return y.astype(out_dtype).reshape(B, T, *out_shape)
 
 
 def _blockwise(x: Float[Array, "R I"], w: Int8[Array, "O I"]) -> Float[Array, "R O"]:

@@ -146,7 +146,7 @@ class StepFunction:
     def __init__(self, runner: ModelRunner, config: EngineConfig, pool: KVPool):
         self.runner, self.config = runner, config
         pool_shardings = jax.tree.map(lambda x: x.sharding, pool)
-        replicated = NamedSharding(runner.spec.mesh, PartitionSpec())
+        self._replicated = replicated = NamedSharding(runner.spec.mesh, PartitionSpec())
         self._model = jax.jit(
             self._logits, donate_argnames="pool", out_shardings=(replicated, pool_shardings)
         )
@@ -155,6 +155,18 @@ class StepFunction:
     def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Sampled, KVPool]:
         logits, pool = self._model(params, pool, inp._replace(sampling=None, sample_step=None))
         return self._sample(logits, inp.sampling, inp.sample_step), pool
+
+    def lower(self, params, pool: KVPool, inp: StepInput) -> dict[tuple, jax.stages.Lowered]:
+        """The two programs a call with ``inp``'s shapes runs, lowered for compiling ahead of
+        time (warm-up), keyed so that shapes sharing a sampler bucket share its program.
+        Compiling them fills the same caches a call would: the call then compiles nothing."""
+        model = self._model.lower(params, pool, inp._replace(sampling=None, sample_step=None))
+        rows = inp.sample_step.shape[0]
+        logits = jax.ShapeDtypeStruct(
+            (rows, self.runner.config.vocab_size), jnp.float32, sharding=self._replicated
+        )
+        sampler = self._sample.lower(logits, inp.sampling, inp.sample_step)
+        return {("model", inp.shape): model, ("sampler", rows): sampler}
 
     def _logits(self, params, pool: KVPool, inp: StepInput):
         """Logits ``[Rs, V]`` of each row's sampled token (padding rows: zeros) and the pool

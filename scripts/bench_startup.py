@@ -5,7 +5,9 @@ default engine options), generates 2 tokens and exits; the parent times it from 
 and reads the engine's start-up report (``jaxllm.startup``). Cases:
 
 - cold / warm: a ~1.1 GB, 24-layer float32 Llama with an empty compilation cache, then again
-  with the cache the first run filled (the issue's targets: under 30 s and under 10 s);
+  with the cache the first run filled (the issue's targets: under 30 s and under 10 s), with
+  the default layers (unrolled on CPU) and then scanned (``scan_layers=True``), with the
+  batch-1 decode speed of each;
 - depth: compile time of the same width at 8 and 32 layers, each on an empty cache (scanned
   layers: it should grow by less than 20%);
 - serve: the demo model's ``jaxllm serve`` until its gRPC health says SERVING, on a cold and
@@ -39,10 +41,15 @@ TARGETS = {"cold_s": 30.0, "warm_s": 10.0, "compile_growth_8_to_32": 0.20, "serv
 CHILD = """
 import json, sys, time
 import jaxllm
-llm = jaxllm.LLM.load(sys.argv[1], compilation_cache=sys.argv[2])
+scan = {"default": None, "scan": True, "unroll": False}[sys.argv[3]]
+llm = jaxllm.LLM.load(sys.argv[1], compilation_cache=sys.argv[2], scan_layers=scan)
 out = llm.generate([1, 2, 3], max_tokens=2, temperature=0)
 report = llm.engine.stats()["startup"]
 report["generated"] = out.token_ids
+report["scan_layers"] = llm.runner.spec.scan_layers
+start = time.perf_counter()
+decoded = llm.generate([1, 2, 3], max_tokens=32, temperature=0, ignore_eos=True)
+report["batch1_decode_tok_s"] = len(decoded.token_ids) / (time.perf_counter() - start)
 print("STARTUP " + json.dumps(report), flush=True)
 """
 
@@ -53,11 +60,12 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def start_once(model: Path, cache: Path) -> dict:
-    """One fresh process: load, generate 2 tokens, exit. Its report plus the wall time."""
+def start_once(model: Path, cache: Path, layers: str = "default") -> dict:
+    """One fresh process: load, generate 2 tokens (then time 32 more), exit. Its report
+    plus the wall time. ``layers``: default, scan or unroll (``LLM.load``'s scan_layers)."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(model), str(cache)],
+        [sys.executable, "-c", CHILD, str(model), str(cache), layers],
         env=child_env(),
         capture_output=True,
         text=True,
@@ -128,20 +136,24 @@ def main() -> None:
         result["model"] = {"dims": dataclasses.asdict(big)} | write_random_checkpoint(
             model, big, "float32"
         )
-        cold = start_once(model, tmp / "cache")
-        warm = start_once(model, tmp / "cache")
-        result["cold"], result["warm"] = cold, warm
-        print(f"cold start: {cold['process_wall_s']:.1f} s  {cold}")
-        print(f"warm start: {warm['process_wall_s']:.1f} s  {warm}")
+        for layers in ("default", "scan"):
+            cold = start_once(model, tmp / f"cache-{layers}", layers)
+            warm = start_once(model, tmp / f"cache-{layers}", layers)
+            result[f"{layers}_cold"], result[f"{layers}_warm"] = cold, warm
+            print(f"{layers}: cold {cold['process_wall_s']:.1f} s {cold}")
+            print(f"{layers}: warm {warm['process_wall_s']:.1f} s {warm}")
 
-        depth = {}
-        for layers in (8, 32):
-            folder = tmp / f"depth{layers}"
-            write_random_checkpoint(folder, dataclasses.replace(width, layers=layers), "float32")
-            depth[layers] = start_once(folder, tmp / f"cache-depth{layers}")
-            print(f"{layers} layers, cold cache: {depth[layers]}")
-        growth = depth[32]["compile_s"] / depth[8]["compile_s"] - 1
-        result["depth"] = {"8": depth[8], "32": depth[32], "compile_growth_8_to_32": growth}
+        for layers in ("default", "scan"):
+            depth = {}
+            for count in (8, 32):
+                folder = tmp / f"depth{count}"
+                if not folder.exists():
+                    dims = dataclasses.replace(width, layers=count)
+                    write_random_checkpoint(folder, dims, "float32")
+                depth[count] = start_once(folder, tmp / f"cache-{layers}-{count}", layers)
+                print(f"{layers}, {count} layers, cold cache: {depth[count]}")
+            growth = depth[32]["compile_s"] / depth[8]["compile_s"] - 1
+            result[f"{layers}_depth"] = {"8": depth[8], "32": depth[32], "growth": growth}
 
         serve_cache = tmp / "serve-cache"
         serve = [serve_ready_once(serve_cache, tmp / f"serve{i}.log") for i in range(2)]
@@ -149,13 +161,20 @@ def main() -> None:
         cold_s, warm_s = serve[0]["ready_s"], serve[1]["ready_s"]
         print(f"demo serve ready: cold {cold_s:.1f} s, warm {warm_s:.1f} s")
 
+    # The targets are on LLM.load + warm-up (the report's total), as the issue states them;
+    # process_wall_s adds Python and JAX imports, the 2+32 generated tokens and exit.
     result["met"] = {
-        "cold_s": cold["process_wall_s"] < TARGETS["cold_s"],
-        "warm_s": warm["process_wall_s"] < TARGETS["warm_s"],
-        "warm_compiles_nothing": warm["programs_compiled"] == 0,
-        "compile_growth_8_to_32": growth < TARGETS["compile_growth_8_to_32"],
-        "serve_warm_s": serve[1]["ready_s"] < TARGETS["serve_warm_s"],
+        f"{layers}_{name}": ok
+        for layers in ("default", "scan")
+        for name, ok in {
+            "cold_s": result[f"{layers}_cold"]["total_s"] < TARGETS["cold_s"],
+            "warm_s": result[f"{layers}_warm"]["total_s"] < TARGETS["warm_s"],
+            "warm_compiles_nothing": result[f"{layers}_warm"]["programs_compiled"] == 0,
+            "compile_growth_8_to_32": result[f"{layers}_depth"]["growth"]
+            < TARGETS["compile_growth_8_to_32"],
+        }.items()
     }
+    result["met"]["serve_warm_s"] = serve[1]["ready_s"] < TARGETS["serve_warm_s"]
     (args.out / "bench_startup.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["met"], indent=2))
 

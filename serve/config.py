@@ -35,6 +35,9 @@ class ServeConfig:
     # Compiled programs kept across starts (jaxllm.startup): None = the per-user default
     # folder (~/.cache/jaxllm/xla), "off" = none, else a folder.
     compilation_cache: str | None = None
+    # Decoder layers run by jax.lax.scan over stacked weights (compile time independent of
+    # depth); None: scanned except on CPU (see jaxllm.model).
+    scan_layers: bool | None = None
     engine: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # EngineConfig fields
     host: str = "127.0.0.1"  # loopback unless asked: the API has no auth by default
     port: int = 50051
@@ -122,6 +125,7 @@ class ServeConfig:
         options = dict(mesh=self.mesh, dtype=self.dtype, rules=self.rules, quantize=self.quantize)
         options["warm_up_prompt_logprobs"] = self.warm_up_prompt_logprobs
         options["compilation_cache"] = cache_option(self.compilation_cache)
+        options["scan_layers"] = self.scan_layers
         return {**options, **self.engine}
 
     @property

@@ -42,6 +42,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "llama_attention_bias": ("LlamaForCausalLM", dict(num_key_value_heads=2, attention_bias=True)),
     "mistral_sliding": ("MistralForCausalLM", dict(num_key_value_heads=2, sliding_window=16)),
     "qwen2_bias": ("Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # Layers that differ: the first attends to everything, the rest within a window (a
+    # scanned model reads each layer's window from an array).
+    "qwen2_window_layers": (
+        "Qwen2ForCausalLM",
+        dict(
+            num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=1
+        ),
+    ),
 }
 
 

@@ -44,22 +44,32 @@ GREEDY = types.SimpleNamespace(
 )
 
 
-def load_runner(path) -> ModelRunner:
+def load_runner(path, scan_layers: bool | None = None) -> ModelRunner:
     """On one device: sharded layouts are checked against this in test_sharding_parity."""
     mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
-    spec = ModelSpec(ModelConfig.from_hf_dir(path), jnp.float32, mesh, DEFAULT_RULES)
+    config = ModelConfig.from_hf_dir(path)
+    spec = ModelSpec(config, jnp.float32, mesh, DEFAULT_RULES, scan_layers=scan_layers)
     return ModelRunner(spec, *load_hf_state(path, spec))
 
 
-@pytest.fixture(scope="module", params=sorted(hf_models.VARIANTS))
+# Every variant with its layers unrolled (the CPU default) and scanned over stacked weights
+# (the TPU/GPU default): both must match transformers.
+@pytest.fixture(
+    scope="module",
+    params=[(v, scan) for v in sorted(hf_models.VARIANTS) for scan in (False, True)],
+    ids=lambda p: f"{p[0]}-{'scanned' if p[1] else 'unrolled'}",
+)
 def variant(request, tmp_path_factory):
     """A one-device runner, three prompts (the third shares the first's first PREFIX
     tokens) and transformers' logits for them."""
-    path = tmp_path_factory.mktemp(request.param)
-    model = hf_models.write(request.param, path)
+    name, scan = request.param
+    path = tmp_path_factory.mktemp(name)
+    model = hf_models.write(name, path)
     ids = np.random.default_rng(1).integers(0, 320, size=(3, PROMPT_LEN))
     ids[2, :PREFIX] = ids[0, :PREFIX]
-    return load_runner(path), ids, hf_models.torch_logits(model, ids).numpy()
+    runner = load_runner(path, scan)
+    assert runner.spec.scan_layers == scan
+    return runner, ids, hf_models.torch_logits(model, ids).numpy()
 
 
 def test_full_forward_matches_transformers(variant):

@@ -287,3 +287,39 @@ def test_demo_int8_kv_cache_holds_3_5x_tokens_and_keeps_greedy_output(demo_model
     # Alone or batched, an int8-cache engine gives the same tokens (no batch dependence).
     alone = int8_kv.generate(PROMPTS[0], max_tokens=32, temperature=0, ignore_eos=True)
     assert alone.token_ids == got[0].token_ids
+
+
+def test_scanned_models_load_save_and_compute_as_unrolled_ones(hf_dir, tmp_path):
+    """An int8 checkpoint restored into stacked (scanned) layers on a sharded mesh: the same
+    weights, the same logits and greedy tokens as one array per layer, and a state saved
+    from the scanned model holds the same arrays under the same per-layer names."""
+    out = tmp_path / "int8"
+    assert cli.main(["convert", str(hf_dir), str(out), "--quantize", "int8"]) == 0
+    options = dict(mesh=MESH, max_seq_len=64, max_num_seqs=2, warm_up=False)
+    ids = np.random.default_rng(5).integers(0, 320, size=24).tolist()
+    with (
+        jaxllm.LLM.load(out, scan_layers=False, **options) as unrolled,
+        jaxllm.LLM.load(out, scan_layers=True, **options) as scanned,
+    ):
+        assert "layers.attn.wq" in {".".join(map(str, p)) for p, _ in _flat(scanned)}
+        np.testing.assert_allclose(scanned.logits(ids), unrolled.logits(ids), atol=1e-5)
+        greedy = dict(max_tokens=8, temperature=0, ignore_eos=True)
+        assert (
+            scanned.generate(ids, **greedy).token_ids == unrolled.generate(ids, **greedy).token_ids
+        )
+        saved = orbax_checkpoint.save_state(
+            scanned.runner.state, scanned.config, tmp_path / "resaved", tokenizer_dir=hf_dir
+        )
+        expected = named_params(unrolled.runner.state)
+        got = named_params(scanned.runner.state)
+        assert got.keys() == expected.keys()
+        for name in ("layers.1.attn.wq", "layers.0.mlp.w_down_scale", "embed"):
+            np.testing.assert_array_equal(np.asarray(got[name].value()), expected[name].value())
+    with jaxllm.LLM.load(saved, scan_layers=False, **options) as again:
+        np.testing.assert_allclose(again.logits(ids), unrolled.logits(ids), atol=1e-5)
+
+
+def _flat(llm):
+    from flax import nnx
+
+    return nnx.to_flat_state(llm.runner.state)
