@@ -98,7 +98,7 @@ def _attend(
     block_pages: int,
 ) -> Float[Array, "R C N H"]:
     R, C, N, H = q.shape
-    page_size, K = pool.keys.shape[2], pool.keys.shape[3]
+    _, page_size, K, _ = pool.layer_shape
     G = N // K
     S = block_pages * page_size
     # [R, C, K, G, H]: each key/value head serves a group of G query heads.
@@ -106,7 +106,8 @@ def _attend(
     positions = rows.positions[:, :, None]  # [R, C, 1]
 
     def gather(buffer, ids):  # [R, block_pages] page ids of this layer -> [R, S, ...]
-        return buffer[layer, ids].reshape(R, S, *buffer.shape[3:])
+        pages = kv_cache.read(buffer, layer, ids)  # [R, block_pages, page_size, ...]
+        return pages.reshape(R, S, *pages.shape[3:])
 
     def block(i, carry):
         m, total, acc = carry  # [R, K, G, C], same, [R, K, G, C, H]

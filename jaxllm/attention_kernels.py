@@ -146,7 +146,8 @@ def _paged_kernel(
     # not ours): anything else, a window traced per layer included, is the pure-JAX path's,
     # decided at trace time.
     # The TPU kernel rounds what it loads to bfloat16, exact only for a bfloat16 pool (TPU's).
-    rounds = kernel == "pallas_tpu" and pool.keys.dtype != jnp.bfloat16
+    dtype = (pool.keys if pool.stacked else pool.keys[0]).dtype
+    rounds = kernel == "pallas_tpu" and dtype != jnp.bfloat16
     if C != 1 or window is not None or pool.quantized or groups == 0 or rounds:
         return attention.paged(q, rows, pool, layer, window, block_pages)
     Pmax = rows.page_table.shape[1]
@@ -158,7 +159,7 @@ def _paged_kernel(
     lengths = jnp.minimum(lengths, blocks * block_pages * page_size)
     lengths = jnp.clip(lengths, 0, Pmax * page_size).astype(jnp.int32)
     # [K, P, page, H]: the kernels' layout; a copy of the layer's whole pool (module docstring).
-    keys = jnp.transpose(pool.keys[layer], (2, 0, 1, 3))
+    keys = jnp.transpose(pool.keys[layer], (2, 0, 1, 3))  # either layout: layer l's pool
     values = jnp.transpose(pool.values[layer], (2, 0, 1, 3))
     # The kernels do not scale scores; the pure path scales by H**-0.5.
     scaled = (q[:, 0].astype(jnp.float32) * H**-0.5).astype(q.dtype)  # [R, N, H]

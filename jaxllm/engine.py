@@ -39,7 +39,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from jaxllm import step
+from jaxllm import attention_kernels, step
 from jaxllm.compiles import CompileCounter
 from jaxllm.engine_config import EngineConfig, pool_pages
 from jaxllm.intake import Intake
@@ -118,6 +118,7 @@ class Engine:
             config.kv_cache_dtype or "model dtype",
             len(config.step_shapes),
         )
+        log.info(attention_kernels.choose().describe())
 
     # -- public API -------------------------------------------------------------------------
 

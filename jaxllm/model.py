@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from jaxllm import attention, kv_cache, quantize, rope
+from jaxllm import attention, attention_kernels, kv_cache, quantize, rope
 from jaxllm.config import ModelConfig
 from sharding import ShardingRules, constrain
 
@@ -89,7 +89,15 @@ def _scale(p: nnx.Param | None):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layout: Layout,
+        dtype,
+        quantized,
+        rngs,
+        kernels: attention_kernels.AttentionKernels,
+    ):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = ("q_heads", "head_dim", "embed"), ("kv_heads", "head_dim", "embed")
         self.wq, self.wq_scale = _weight(rngs, (N, H, D), q, dtype, quantized)
@@ -107,6 +115,7 @@ class Attention(nnx.Module):
             self.bo = _param(rngs, (D,), ("embed",), dtype)
         self.num_kv_heads, self.head_dim = K, H
         self.layout = layout
+        self.kernels = kernels  # which attention code runs (jaxllm.attention_kernels)
 
     def __call__(
         self,
@@ -135,7 +144,7 @@ class Attention(nnx.Module):
         B, T, N, H = q.shape
 
         if step is None:  # no pool: the tokens attend to themselves
-            out = attention.causal(q, k, v, positions, window, kv_dtype)
+            out = self.kernels.causal(q, k, v, positions, window, kv_dtype)
         else:  # one engine step: B == 1, the step's tokens flattened on T
             pool = kv_cache.write(pool, layer, k[0], v[0], step.slots)
             Sd = step.decode.page_table.shape[0]
@@ -143,10 +152,13 @@ class Attention(nnx.Module):
             parts = []
             if Sd:
                 rows = q[0, :Sd].reshape(Sd, 1, N, H)
-                parts.append(attention.paged(rows, step.decode, pool, layer, window, block_pages))
+                attend = self.kernels.paged
+                parts.append(attend(rows, step.decode, pool, layer, window, block_pages))
             if Sp:
                 rows = q[0, Sd:].reshape(Sp, C, N, H)
-                parts.append(attention.paged(rows, step.prefill, pool, layer, window, block_pages))
+                # A kernel chosen for decode rows falls back to pure JAX for these.
+                attend = self.kernels.paged
+                parts.append(attend(rows, step.prefill, pool, layer, window, block_pages))
             out = jnp.concatenate([p.reshape(-1, N, H) for p in parts])[None]
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
@@ -175,9 +187,9 @@ class Block(nnx.Module):
     """One decoder layer. The model holds a single Block whose parameters are stacked over
     layers (``stacked_blocks``) and scans it; ``Transformer.block(i)`` is layer ``i`` alone."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs, kernels):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.attn = Attention(cfg, layout, dtype, quantized, rngs)
+        self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         self.mlp = MLP(cfg, layout, dtype, quantized, rngs)
         self.layout = layout
@@ -191,10 +203,13 @@ class Block(nnx.Module):
         return self.layout(x, "act_batch", "act_length", "act_embed"), pool
 
 
-def stacked_blocks(cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs) -> Block:
+def stacked_blocks(
+    cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs, kernels
+) -> Block:
     """One Block whose every parameter holds all layers on a leading ``layers`` axis (layer
     ``i`` at index ``i``, initialised as its own Block would be)."""
-    split = [nnx.split(Block(cfg, layout, dtype, quantized, rngs)) for _ in range(cfg.num_layers)]
+    blocks = [Block(cfg, layout, dtype, quantized, rngs, kernels) for _ in range(cfg.num_layers)]
+    split = [nnx.split(block) for block in blocks]
 
     def stack(*layers: nnx.Variable) -> nnx.Variable:
         axes = ("layers", *layers[0].get_metadata()["logical_axes"])
@@ -218,23 +233,26 @@ class Transformer(nnx.Module):
         rules: ShardingRules | None = None,
         quantized: str | None = None,
         scan_layers: bool = True,
+        kernels: attention_kernels.AttentionKernels | None = None,
         rngs: nnx.Rngs,
     ):
         """``quantized="int8"``: every linear weight, the embedding and the head are int8
         with per-output-channel scales (``jaxllm.quantize``); norms stay in ``dtype``.
         ``scan_layers``: stacked layers run by ``jax.lax.scan``, else one Block per layer
-        (see the module docstring)."""
+        (see the module docstring). ``kernels``: the attention implementations; None: the
+        backend's (``jaxllm.attention_kernels.choose``)."""
         self.config = cfg
         self.scan_layers = scan_layers
+        kernels = kernels or attention_kernels.choose()
         self.dtype = dtype
         layout = Layout(mesh, rules)
         table = (cfg.vocab_size, cfg.hidden_size)
         self.embed, self.embed_scale = _weight(rngs, table, ("vocab", "embed"), dtype, quantized)
         if scan_layers:
-            self.layers = stacked_blocks(cfg, layout, dtype, quantized, rngs)
+            self.layers = stacked_blocks(cfg, layout, dtype, quantized, rngs, kernels)
         else:
             self.layers = nnx.List(
-                [Block(cfg, layout, dtype, quantized, rngs) for _ in range(cfg.num_layers)]
+                [Block(cfg, layout, dtype, quantized, rngs, kernels) for _ in range(cfg.num_layers)]
             )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
         if not cfg.tie_word_embeddings:

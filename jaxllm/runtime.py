@@ -53,4 +53,5 @@ class ModelRunner:
             dtype or spec.dtype,
             spec.mesh,
             spec.rules,
+            stacked=spec.scan_layers,
         )

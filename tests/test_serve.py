@@ -347,6 +347,16 @@ def test_metrics_cover_latency_tokens_and_start_up(server, client):
     assert m["jaxllm_inter_token_latency_seconds_count"] >= 7
     assert m["jaxllm_output_tokens_sum"] >= 8 and m["jaxllm_prompt_tokens_count"] >= 1
     assert m["jaxllm_model_load_seconds"] > 0 and m["jaxllm_warm_up_seconds"] > 0
+    # The start-up report: by phase, and every warm-up program compiled or from the cache.
+    assert (
+        m['jaxllm_startup_seconds{phase="total"}'] >= m['jaxllm_startup_seconds{phase="compile"}']
+    )
+    assert m['jaxllm_startup_seconds{phase="compile"}'] > 0
+    programs = m['jaxllm_startup_programs{source="compiled"}']
+    programs += m['jaxllm_startup_programs{source="cache"}']
+    startup = client.stats().startup
+    assert programs == startup.programs_compiled + startup.programs_cached > 0
+    assert startup.total_seconds >= startup.compile_seconds > 0 and startup.weight_bytes > 0
     assert m['jaxllm_requests_total{outcome="ok"}'] >= 1
     assert m['jaxllm_requests_total{outcome="invalid"}'] >= 1  # from the bad-request tests
 
