@@ -117,10 +117,10 @@ def linear(
     out_shape = w.shape[: w.ndim - in_dims]
     w2 = w.reshape(math.prod(out_shape), x.shape[-1])
     B, T, _ = x.shape
-    if scale is None:
-        y = jnp.einsum("BTI,OI->BTO", x, w2, preferred_element_type=jnp.float32)
-        return y.astype(out_dtype).reshape(B, T, *out_shape)
     x2 = x.reshape(B * T, x.shape[-1])
+    if scale is None:
+        y = jnp.matmul(x2, w2.T, preferred_element_type=jnp.float32)
+        return y.astype(out_dtype).reshape(B, T, *out_shape)
     if jax.default_backend() != "cpu":
         # GPU/TPU compilers fuse the conversion into the matmul.
         y = jnp.matmul(x2, w2.astype(x.dtype).T, preferred_element_type=jnp.float32)

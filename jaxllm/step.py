@@ -12,6 +12,7 @@ and nothing else about a step (sequence lengths, pages) changes its shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -151,22 +152,36 @@ class StepFunction:
             self._logits, donate_argnames="pool", out_shardings=(replicated, pool_shardings)
         )
         self._sample = jax.jit(sample_with_logprobs, out_shardings=replicated)
+        self._compiled: dict[str, jax.stages.Compiled] = {}
 
     def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Sampled, KVPool]:
-        logits, pool = self._model(params, pool, inp._replace(sampling=None, sample_step=None))
-        return self._sample(logits, inp.sampling, inp.sample_step), pool
+        Sd, Sp = inp.shape
+        model = self._compiled.get(f"model-{Sd}x{Sp}", self._model)
+        sample = self._compiled.get(f"sampler-{inp.sample_step.shape[0]}", self._sample)
+        logits, pool = model(params, pool, inp._replace(sampling=None, sample_step=None))
+        return sample(logits, inp.sampling, inp.sample_step), pool
 
-    def lower(self, params, pool: KVPool, inp: StepInput) -> dict[tuple, jax.stages.Lowered]:
-        """The two programs a call with ``inp``'s shapes runs, lowered for compiling ahead of
-        time (warm-up), keyed so that shapes sharing a sampler bucket share its program.
-        Compiling them fills the same caches a call would: the call then compiles nothing."""
-        model = self._model.lower(params, pool, inp._replace(sampling=None, sample_step=None))
+    def lowerings(
+        self, params, pool: KVPool, inp: StepInput
+    ) -> dict[str, Callable[[], jax.stages.Lowered]]:
+        """The two programs a call with ``inp``'s shapes runs, by name, each as a function
+        that lowers it (for compiling ahead of time at warm-up). Shapes that share a sampler
+        bucket share its name."""
+        Sd, Sp = inp.shape
         rows = inp.sample_step.shape[0]
         logits = jax.ShapeDtypeStruct(
             (rows, self.runner.config.vocab_size), jnp.float32, sharding=self._replicated
         )
-        sampler = self._sample.lower(logits, inp.sampling, inp.sample_step)
-        return {("model", inp.shape): model, ("sampler", rows): sampler}
+        model_inp = inp._replace(sampling=None, sample_step=None)
+        return {
+            f"model-{Sd}x{Sp}": lambda: self._model.lower(params, pool, model_inp),
+            f"sampler-{rows}": lambda: self._sample.lower(logits, inp.sampling, inp.sample_step),
+        }
+
+    def use(self, compiled: dict[str, jax.stages.Compiled]) -> None:
+        """Calls run these executables (by ``lowerings`` name) instead of tracing the jitted
+        functions: compiled at warm-up, or loaded from the program cache."""
+        self._compiled.update(compiled)
 
     def _logits(self, params, pool: KVPool, inp: StepInput):
         """Logits ``[Rs, V]`` of each row's sampled token (padding rows: zeros) and the pool
