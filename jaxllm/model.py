@@ -97,6 +97,7 @@ class Attention(nnx.Module):
         quantized,
         rngs,
         kernels: attention_kernels.AttentionKernels,
+        sliced: bool = False,
     ):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = ("q_heads", "head_dim", "embed"), ("kv_heads", "head_dim", "embed")
@@ -116,6 +117,7 @@ class Attention(nnx.Module):
         self.num_kv_heads, self.head_dim = K, H
         self.layout = layout
         self.kernels = kernels  # which attention code runs (jaxllm.attention_kernels)
+        self.sliced = sliced  # weights are slices of stacked arrays (quantize.linear)
 
     def __call__(
         self,
@@ -133,9 +135,9 @@ class Attention(nnx.Module):
         """This layer's attention; with a pool and a step, writes the step's keys and values
         into layer ``layer`` of the pool and reads each row's pages from it."""
         # [B, T, N or K, H]: the weights are read in their stored [out, in] order.
-        q = quantize.linear(x, self.wq[...], _scale(self.wq_scale))
-        k = quantize.linear(x, self.wk[...], _scale(self.wk_scale))
-        v = quantize.linear(x, self.wv[...], _scale(self.wv_scale))
+        q = quantize.linear(x, self.wq[...], _scale(self.wq_scale), sliced=self.sliced)
+        k = quantize.linear(x, self.wk[...], _scale(self.wk_scale), sliced=self.sliced)
+        v = quantize.linear(x, self.wv[...], _scale(self.wv_scale), sliced=self.sliced)
         if self.qkv_bias:
             q, k, v = q + self.bq[None, None], k + self.bk[None, None], v + self.bv[None, None]
         q = rope.apply_rotary(q, cos, sin)
@@ -162,36 +164,51 @@ class Attention(nnx.Module):
             out = jnp.concatenate([p.reshape(-1, N, H) for p in parts])[None]
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
-        out = quantize.linear(out.reshape(B, T, N * H), self.wo[...], _scale(self.wo_scale), 2)
+        out = out.reshape(B, T, N * H)
+        out = quantize.linear(out, self.wo[...], _scale(self.wo_scale), 2, sliced=self.sliced)
         if self.o_bias:
             out = out + self.bo[None, None]
         return out, pool
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs, sliced=False
+    ):
         D, F = cfg.hidden_size, cfg.intermediate_size
         self.w_gate, self.w_gate_scale = _weight(rngs, (F, D), ("mlp", "embed"), dtype, quantized)
         self.w_up, self.w_up_scale = _weight(rngs, (F, D), ("mlp", "embed"), dtype, quantized)
         self.w_down, self.w_down_scale = _weight(rngs, (D, F), ("embed", "mlp"), dtype, quantized)
         self.layout = layout
+        self.sliced = sliced  # weights are slices of stacked arrays (quantize.linear)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = quantize.linear(x, self.w_gate[...], _scale(self.w_gate_scale))  # [B, T, F]
-        up = quantize.linear(x, self.w_up[...], _scale(self.w_up_scale))
+        sliced = self.sliced
+        gate = quantize.linear(x, self.w_gate[...], _scale(self.w_gate_scale), sliced=sliced)
+        up = quantize.linear(x, self.w_up[...], _scale(self.w_up_scale), sliced=sliced)
         hidden = self.layout(jax.nn.silu(gate) * up, "act_batch", "act_length", "act_mlp")
-        return quantize.linear(hidden, self.w_down[...], _scale(self.w_down_scale))
+        return quantize.linear(hidden, self.w_down[...], _scale(self.w_down_scale), sliced=sliced)
 
 
 class Block(nnx.Module):
-    """One decoder layer. The model holds a single Block whose parameters are stacked over
-    layers (``stacked_blocks``) and scans it; ``Transformer.block(i)`` is layer ``i`` alone."""
+    """One decoder layer. A scanned model holds a single Block whose parameters are stacked
+    over layers (``stacked_blocks``, ``sliced``: the scan hands each layer slices of them);
+    an unrolled one holds one per layer. ``Transformer.block(i)`` is layer ``i`` alone."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs, kernels):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layout: Layout,
+        dtype,
+        quantized,
+        rngs: nnx.Rngs,
+        kernels,
+        sliced: bool = False,
+    ):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels)
+        self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels, sliced)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.mlp = MLP(cfg, layout, dtype, quantized, rngs)
+        self.mlp = MLP(cfg, layout, dtype, quantized, rngs, sliced)
         self.layout = layout
 
     def __call__(self, x, positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window):
@@ -208,7 +225,10 @@ def stacked_blocks(
 ) -> Block:
     """One Block whose every parameter holds all layers on a leading ``layers`` axis (layer
     ``i`` at index ``i``, initialised as its own Block would be)."""
-    blocks = [Block(cfg, layout, dtype, quantized, rngs, kernels) for _ in range(cfg.num_layers)]
+    blocks = [
+        Block(cfg, layout, dtype, quantized, rngs, kernels, sliced=True)
+        for _ in range(cfg.num_layers)
+    ]
     split = [nnx.split(block) for block in blocks]
 
     def stack(*layers: nnx.Variable) -> nnx.Variable:
