@@ -52,11 +52,15 @@ def load_runner(path, scan_layers: bool | None = None) -> ModelRunner:
     return ModelRunner(spec, *load_hf_state(path, spec))
 
 
-# Every variant with its layers unrolled (the CPU default) and scanned over stacked weights
-# (the TPU/GPU default): both must match transformers.
+# Every variant with its layers unrolled (the CPU default); scanned over stacked weights (the
+# TPU/GPU default), the variants whose layer code differs: embeddings tied or not, biases, a
+# window shared by every layer, windows that differ by layer.
+SCANNED = ("llama3_gqa", "llama_tied", "qwen2_bias", "mistral_sliding", "qwen2_window_layers")
+
+
 @pytest.fixture(
     scope="module",
-    params=[(v, scan) for v in sorted(hf_models.VARIANTS) for scan in (False, True)],
+    params=[(v, False) for v in sorted(hf_models.VARIANTS)] + [(v, True) for v in SCANNED],
     ids=lambda p: f"{p[0]}-{'scanned' if p[1] else 'unrolled'}",
 )
 def variant(request, tmp_path_factory):
