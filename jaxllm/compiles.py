@@ -15,8 +15,6 @@ class CompileCounter:
 
     count = 0
     cache_hits = 0
-    # Programs loaded whole from jaxllm's program cache (no trace, lower or compile event).
-    programs_loaded = 0
     _installed = False
     _lock = threading.Lock()
 

@@ -34,10 +34,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Protocol
 
-import jax
 import numpy as np
 
 from jaxllm import attention_kernels, step
@@ -45,7 +43,6 @@ from jaxllm.compiles import CompileCounter
 from jaxllm.engine_config import EngineConfig, pool_pages
 from jaxllm.intake import Intake
 from jaxllm.kv_pages import KVPages
-from jaxllm.program_cache import ProgramCache
 from jaxllm.request import Request
 from jaxllm.request_output import RequestOutput, TokenLogprob
 from jaxllm.runtime import ModelRunner
@@ -310,63 +307,30 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compiles every step shape ahead of time (and the prompt-scoring buckets if
-        asked). Programs in the program cache (``jaxllm.program_cache``) are loaded without
-        tracing; the others are lowered, then compiled concurrently (or loaded from JAX's
-        compilation cache, ``jaxllm.startup``) and stored there. Nothing runs on the device:
-        no step executes, so a multi-host warm-up makes no collective call."""
+        asked): every program is lowered, then compiled concurrently (or loaded from JAX's
+        persistent compilation cache, ``jaxllm.startup``). Nothing runs on the device: no
+        step executes, so a multi-host warm-up makes no collective call."""
         start, compiles = time.perf_counter(), CompileCounter.count
         lowerings = {}
         for shape in self.config.step_shapes:
             inp = step.padding_only(shape, self.config, self.num_pages)
             lowerings |= self._step.lowerings(self.runner.params, self.pool, inp)
-        cache = self._program_cache()
-        ready = {}
-        if cache is not None:
-            ready = {name: cache.load(name) for name in lowerings}
-            ready = {name: program for name, program in ready.items() if program is not None}
-            CompileCounter.programs_loaded += len(ready)
-        lowered = {name: lower() for name, lower in lowerings.items() if name not in ready}
+        lowered = {name: lower() for name, lower in lowerings.items()}
         workers = max(1, min(len(lowered), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers, "jaxllm-compile") as pool:
             programs = pool.map(lambda low: low.compile(), lowered.values())
-            compiled = dict(zip(lowered, programs, strict=True))
-        if cache is not None:
-            for name, program in compiled.items():
-                cache.store(name, program)
-        self._step.use(ready | compiled)
+            self._step.use(dict(zip(lowered, programs, strict=True)))
         if self.warm_up_prompt_logprobs:
             self._scorer.warm_up()
         seconds = time.perf_counter() - start
         log.info(
-            "warm-up: %d step shapes, %d programs (%d from the program cache), %d compiles, %.1f s",
+            "warm-up: %d step shapes, %d programs, %d compiles, %.1f s",
             len(self.config.step_shapes),
-            len(lowerings),
-            len(ready),
+            len(lowered),
             CompileCounter.count - compiles,
             seconds,
         )
         self.startup.ready(seconds)
-
-    def _program_cache(self) -> ProgramCache | None:
-        """Where this engine's step programs are kept (beside JAX's compilation cache; none
-        when that is off)."""
-        if self.startup.cache_dir is None:
-            return None
-        spec, mesh = self.runner.spec, self.runner.spec.mesh
-        devices = [(d.id, d.platform, d.device_kind) for d in mesh.devices.flat]
-        parts = {
-            "config": spec.config,
-            "dtype": jax.numpy.dtype(spec.dtype).name,
-            "quantized": spec.quantized,
-            "scan_layers": spec.scan_layers,
-            "rules": spec.rules,
-            "mesh": (dict(mesh.shape), devices),
-            "processes": (jax.process_index(), jax.process_count()),
-            "engine": self.config,
-            "num_pages": self.num_pages,
-            "attention": attention_kernels.choose().describe(),
-        }
-        return ProgramCache(Path(self.startup.cache_dir) / "jaxllm-programs", parts)
 
     def abort(self, error: BaseException) -> None:
         """Fails every queued and running request with ``error`` and refuses new ones (a lost

@@ -7,9 +7,6 @@ second start of the same model with the same options loads them instead of compi
 (``~/.cache/jaxllm/xla``); every program is cached, however quickly it compiled, so that a
 warm start compiles nothing (JAX by default keeps only programs that took over a second).
 
-Step programs are also kept whole by ``jaxllm.program_cache`` (in a folder beside JAX's),
-keyed without lowering them, so that a warm start skips tracing and lowering too.
-
 ``StartupReport`` collects what a user waits for: reading the weights into their shards,
 placing them (stacking scanned layers in place), compiling and in total, with how many
 programs were compiled and how many came from a cache. ``LLM.load`` and the server log one line per
@@ -86,16 +83,15 @@ class StartupReport:
     programs_cached: int = 0  # ... and loaded from the persistent cache instead
     total_s: float = 0.0  # from LLM.load's call until ready to serve
     _started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
-    _compiles: tuple[int, int, int] = dataclasses.field(default=(0, 0, 0), repr=False)
+    _compiles: tuple[int, int] = dataclasses.field(default=(0, 0), repr=False)
 
     def __post_init__(self):
         CompileCounter.install()
         self._compiles = self._counts()
 
     @staticmethod
-    def _counts() -> tuple[int, int, int]:
-        counter = CompileCounter
-        return counter.count, counter.cache_hits, counter.programs_loaded
+    def _counts() -> tuple[int, int]:
+        return CompileCounter.count, CompileCounter.cache_hits
 
     def weights_done(self, seconds: float) -> None:
         """The loader returned after ``seconds``; the stacking part was timed in ``place_s``."""
@@ -115,13 +111,10 @@ class StartupReport:
         """Start-up is over (``compile_s``: the warm-up's seconds, if one ran)."""
         if compile_s is not None:
             self.compile_s = compile_s
-        # JAX counts a program from its cache as a compile too; jaxllm's own cache loads
-        # programs without either (jaxllm.program_cache).
-        compiles, hits, loaded = (
-            a - b for a, b in zip(self._counts(), self._compiles, strict=True)
-        )
+        # JAX counts a program from its cache as a compile too.
+        compiles, hits = (a - b for a, b in zip(self._counts(), self._compiles, strict=True))
         self.programs_compiled = compiles - hits
-        self.programs_cached = hits + loaded
+        self.programs_cached = hits
         self.total_s = time.perf_counter() - self._started
         cache = f"cache {self.cache_dir}" if self.cache_dir else "compilation cache off"
         log.info(

@@ -180,7 +180,7 @@ class StepFunction:
 
     def use(self, compiled: dict[str, jax.stages.Compiled]) -> None:
         """Calls run these executables (by ``lowerings`` name) instead of tracing the jitted
-        functions: compiled at warm-up, or loaded from the program cache."""
+        functions (compiled at warm-up)."""
         self._compiled.update(compiled)
 
     def _logits(self, params, pool: KVPool, inp: StepInput):

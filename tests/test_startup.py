@@ -62,17 +62,6 @@ def test_a_second_start_compiles_nothing_and_answers_the_same(model, tmp_path):
     assert second["programs_cached"] >= first["programs_compiled"]
     assert second["tokens"] == first["tokens"]
     assert second["compile_s"] < first["compile_s"]
-    # Step programs came whole from jaxllm's program cache (no tracing or lowering).
-    assert re.search(r"\d+ programs \((\d+) from the program cache\)", log).group(1) != "0"
-
-    # A damaged program-cache entry is said and compiled again (here: loaded from JAX's cache).
-    entries = list((cache / "jaxllm-programs").rglob("*.bin"))
-    assert entries
-    for entry in entries:
-        entry.write_bytes(b"not an executable")
-    third, log = start(model, cache)
-    assert "did not load" in log and third["tokens"] == first["tokens"]
-    assert third["programs_compiled"] == 0
 
 
 def test_the_cache_can_be_turned_off(model, tmp_path):
