@@ -9,9 +9,10 @@ Two functions, both pure JAX (a TPU/GPU kernel, e.g. Pallas ragged paged attenti
   count is a traced value (the blocks its longest row needs), so the compiled program does
   not depend on sequence lengths, a short row grouped apart from a long one (the engine
   orders decode rows by length) reads no more than its own length, and softmax is
-  computed online (running max and sum). A block a row does not need is fully masked and
-  leaves its running values bit-for-bit unchanged, so a row's result does not depend on
-  what else is in the step.
+  computed online (running max and sum); with a sliding window, the loop starts at the
+  first block inside the window, so pages older than the window are never read. A block a
+  row does not need is fully masked and leaves its running values bit-for-bit unchanged,
+  so a row's result does not depend on what else is in the step.
 - ``causal``: plain causal attention over the tokens given (scoring, training, pruning).
 
 Queries use grouped-query attention as a reshape ``[K, G]`` of the query heads, never a
@@ -141,10 +142,22 @@ def _attend(
         jnp.zeros((R, K, G, C), jnp.float32),
         jnp.zeros((R, K, G, C, H), jnp.float32),
     )
-    _, total, acc = jax.lax.fori_loop(0, rows.group_blocks, block, init)
+    _, total, acc = jax.lax.fori_loop(_first_block(rows, window, S), rows.group_blocks, block, init)
     # A real row always sees one key (total >= 1); a padding group ran no block (total 0).
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [R, K, G, C, H]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(R, C, N, H).astype(q.dtype)
+
+
+def _first_block(rows: RowGroup, window: Window, S: int) -> Int[Array, ""] | int:
+    """The first block of ``S`` keys that a query of the group can see: 0 without a window;
+    with one, the block of the oldest key inside the window of the group's earliest query
+    (a row's first query), so a sliding-window layer reads its window and nothing before it.
+    Padding rows (``kv_len`` 0) do not count."""
+    if window is None:
+        return 0
+    oldest = rows.positions[:, 0] - window + 1  # [R]
+    oldest = jnp.min(jnp.where(rows.kv_len > 0, oldest, jnp.iinfo(jnp.int32).max))
+    return jnp.minimum(jnp.maximum(oldest, 0) // S, rows.group_blocks)
 
 
 def causal(

@@ -23,7 +23,11 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3_text",
 }
+# Activations of the gated MLP, by the name Hugging Face configs use.
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 class ConfigError(ValueError):
@@ -32,12 +36,22 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1 frequency scaling ("rope_type": "llama3"); see jaxllm.rope."""
+    """Rotary frequency scaling; see jaxllm.rope. ``rope_type`` "llama3" (Llama 3.1: low
+    frequencies slowed down by ``factor``, high ones kept, blended between) or "linear"
+    (every frequency divided by ``factor``: positions interpolated, as Gemma 3 does)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        out = dataclasses.asdict(self)
+        out["rope_type"] = "llama3"
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +73,19 @@ class ModelConfig:
     o_bias: bool = False  # Llama with attention_bias
     # Per layer: attend to at most this many previous positions (Mistral, some Qwen2 layers).
     sliding_windows: tuple[int | None, ...] | None = None
+    # Rope base of the layers that have a sliding window, where it differs from the others'
+    # (Gemma 3's local layers: 10k against 1M, and never scaled); None: every layer's is
+    # rope_theta with rope_scaling.
+    local_rope_theta: float | None = None
+    qk_norm: bool = False  # RMSNorm over each query and key head before rope (Qwen3, Gemma 3)
+    # Gemma: RMSNorm multiplies by (1 + weight), computed in float32 before the cast back.
+    norm_plus_one: bool = False
+    # Gemma 3: a norm after attention and after the MLP too, before each joins the residual.
+    sandwich_norms: bool = False
+    mlp_activation: str = "silu"  # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    # Attention scores scale by query_pre_attn_scalar**-0.5 (Gemma 3), else head_dim**-0.5.
+    query_pre_attn_scalar: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # Set on the config a model runs with when its heads are padded or copied so that a mesh
@@ -76,6 +103,11 @@ class ModelConfig:
             raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
             raise ConfigError("sliding_windows needs one entry per layer")
+        if self.mlp_activation not in ACTIVATIONS.values():
+            raise ConfigError(
+                f"mlp_activation {self.mlp_activation!r} is not one of "
+                f"{sorted(ACTIVATIONS.values())}"
+            )
         layout = self.head_layout
         if layout is not None and (self.num_heads, self.num_kv_heads) != (
             layout.num_runtime_heads,
@@ -106,14 +138,19 @@ class ModelConfig:
     def window(self, layer: int) -> int | None:
         return None if self.sliding_windows is None else self.sliding_windows[layer]
 
+    def uses_local_rope(self, layer: int) -> bool:
+        """Whether layer ``layer`` rotates by ``local_rope_theta`` (a sliding layer of a
+        model whose local layers have their own rope base)."""
+        return self.local_rope_theta is not None and self.window(layer) is not None
+
     @property
     def num_params(self) -> int:
         """Parameters of the model as stored (zero and copied heads are not counted)."""
         D, F, V, H = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         N, K = self.stored.num_heads, self.stored.num_kv_heads
         attn = D * N * H * 2 + D * K * H * 2
-        attn += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias
-        layer = attn + 3 * D * F + 2 * D
+        attn += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
+        layer = attn + 3 * D * F + (4 if self.sandwich_norms else 2) * D
         embeddings = V * D * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embeddings + D
 
@@ -142,8 +179,8 @@ class ModelConfig:
         model_type = SUPPORTED_ARCHITECTURES[self.architecture]
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta}
-            rope.update(dataclasses.asdict(self.rope_scaling))
+            rope = {**self.rope_scaling.to_hf_dict(), "rope_theta": self.rope_theta}
+        activation = {ours: hf for hf, ours in ACTIVATIONS.items()}[self.mlp_activation]
         out: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": model_type,
@@ -154,7 +191,7 @@ class ModelConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": activation,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
@@ -163,27 +200,116 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) or None,
         }
-        if model_type == "llama":
+        if model_type in ("llama", "qwen3", "gemma3_text"):
             out["attention_bias"] = self.qkv_bias
-        windows = set(self.sliding_windows or [None])
+        windows = set(self.sliding_windows or [None]) - {None}
+        if len(windows) > 1:
+            raise ConfigError(f"{model_type} configs cannot express more than one window size")
+        window = windows.pop() if windows else None
+        types = [
+            "full_attention" if self.window(i) is None else "sliding_attention"
+            for i in range(self.num_layers)
+        ]
         if model_type == "mistral":
-            if len(windows) > 1:
+            if window is not None and "full_attention" in types:
                 raise ConfigError("Mistral applies one sliding_window to every layer")
-            out["sliding_window"] = windows.pop()
-        elif self.sliding_windows is not None and windows != {None}:
-            raise ConfigError(f"{model_type} configs cannot express per-layer sliding windows")
+            out["sliding_window"] = window
+        elif model_type in ("qwen2", "qwen3"):
+            out |= {"use_sliding_window": window is not None, "sliding_window": window}
+            out |= {"layer_types": types, "max_window_layers": self.num_layers}
+        elif model_type == "gemma3_text":
+            del out["hidden_act"], out["rope_theta"]
+            local = {"rope_type": "default", "rope_theta": self.local_rope_theta or self.rope_theta}
+            out |= {
+                "hidden_activation": activation,
+                # An int, as transformers' config class insists (Gemma 3 uses whole numbers).
+                "query_pre_attn_scalar": round(self.query_pre_attn_scalar or self.head_dim),
+                "sliding_window": window,
+                "layer_types": types,
+                "rope_parameters": {"full_attention": rope, "sliding_attention": local},
+            }
+        elif window is not None:
+            raise ConfigError(f"{model_type} configs cannot express sliding windows")
         return out
 
 
 # Fields that change the math and that this runtime does not implement: rejected by name
 # rather than served wrong. Values listed are the ones that are harmless.
 _MUST_EQUAL = {
-    "hidden_act": ("silu",),
     "mlp_bias": (False, None),
     "pretraining_tp": (1, None),
     "attn_logit_softcapping": (None,),
     "final_logit_softcapping": (None,),
+    "use_bidirectional_attention": (False, None),
 }
+# Per family: what config.json may leave out, as the family's transformers config defaults it.
+_DEFAULTS = {
+    "gemma3_text": {
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+    },
+}
+
+
+def _rope(params: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+    """Rope base and scaling from one ``rope_parameters`` entry (or legacy rope_scaling)."""
+    theta = float(params.get("rope_theta", default_theta))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor is not supported (only 1.0)")
+    if rope_type == "default":
+        return theta, None
+    try:
+        if rope_type == "linear":
+            return theta, RopeScaling(factor=float(params["factor"]), rope_type="linear")
+        if rope_type == "llama3":
+            return theta, RopeScaling(
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            )
+    except KeyError as e:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} is missing {e.args[0]!r}") from e
+    raise ConfigError(
+        f"rope_scaling type {rope_type!r} is not supported (only 'default', 'linear', 'llama3')"
+    )
+
+
+def _layer_windows(raw: dict[str, Any], kind: str, layers: int) -> tuple[int | None, ...] | None:
+    """Each layer's sliding window (None: full attention), as the family defines them."""
+    if kind == "mistral":
+        return (int(raw["sliding_window"]),) * layers if raw.get("sliding_window") else None
+    if kind in ("qwen2", "qwen3"):
+        if not raw.get("use_sliding_window"):
+            return None
+        first = raw.get("max_window_layers", layers)
+        types = raw.get("layer_types") or [
+            "sliding_attention" if i >= first else "full_attention" for i in range(layers)
+        ]
+    elif kind == "gemma3_text":
+        pattern = int(raw.get("sliding_window_pattern", 6))
+        types = raw.get("layer_types") or [
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+        ]
+    else:
+        if raw.get("sliding_window"):
+            raise ConfigError(f"sliding_window is not supported for {kind}")
+        return None
+    if len(types) != layers:
+        raise ConfigError(f"layer_types has {len(types)} entries for {layers} layers")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"layer_types {sorted(unknown)} are not supported")
+    if "sliding_attention" not in types:
+        return None
+    window = raw.get("sliding_window")
+    if not window:
+        raise ConfigError("layer_types names sliding_attention layers but sliding_window is unset")
+    return tuple(int(window) if t == "sliding_attention" else None for t in types)
 
 
 def _from_hf(raw: dict[str, Any]) -> ModelConfig:
@@ -205,10 +331,17 @@ def _from_hf(raw: dict[str, Any]) -> ModelConfig:
             )
         arch = by_type[model_type]
     kind = SUPPORTED_ARCHITECTURES[arch]
+    raw = {**_DEFAULTS.get(kind, {}), **{k: v for k, v in raw.items() if v is not None}}
+    gemma = kind == "gemma3_text"
 
     for field, ok in _MUST_EQUAL.items():
         if raw.get(field, ok[0]) not in ok:
             raise ConfigError(f"{field}={raw[field]!r} is not supported (only {ok[0]!r})")
+    activation = raw.get("hidden_activation") or raw.get("hidden_act", "silu")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"activation {activation!r} is not supported (only {sorted(ACTIVATIONS)})"
+        )
 
     def need(field: str):
         if raw.get(field) is None:
@@ -221,40 +354,19 @@ def _from_hf(raw: dict[str, Any]) -> ModelConfig:
 
     rope = dict(raw.get("rope_parameters") or {})
     legacy = raw.get("rope_scaling")
-    if legacy:
-        rope = {**legacy, **rope}
-    theta = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = None
-    if rope_type == "llama3":
-        try:
-            scaling = RopeScaling(
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-            )
-        except KeyError as e:
-            raise ConfigError(f"rope_scaling of type 'llama3' is missing {e.args[0]!r}") from e
-    elif rope_type != "default":
-        raise ConfigError(
-            f"rope_scaling type {rope_type!r} is not supported (only 'default' and 'llama3')"
-        )
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError("partial_rotary_factor is not supported (only 1.0)")
-
-    windows: tuple[int | None, ...] | None = None
-    if kind == "mistral" and raw.get("sliding_window"):
-        windows = (int(raw["sliding_window"]),) * layers
-    if kind == "qwen2" and raw.get("use_sliding_window"):
-        window = int(need("sliding_window"))
-        types = raw.get("layer_types") or [
-            "sliding_attention" if i >= raw.get("max_window_layers", layers) else "full_attention"
-            for i in range(layers)
-        ]
-        windows = tuple(window if t == "sliding_attention" else None for t in types)
-    if kind == "llama" and raw.get("sliding_window"):
-        raise ConfigError("sliding_window is not supported for LlamaForCausalLM")
+    local_theta = None
+    if gemma:  # one rope per layer type: full (global) layers, sliding (local) ones
+        full = dict(rope.get("full_attention") or legacy or {})
+        local = dict(rope.get("sliding_attention") or {})
+        theta, scaling = _rope(full, float(raw["rope_theta"]))
+        local_theta, local_scaling = _rope(local, float(raw["rope_local_base_freq"]))
+        if local_scaling is not None:
+            raise ConfigError("rope scaling of Gemma 3's sliding layers is not supported")
+    else:
+        if legacy:
+            rope = {**legacy, **rope}
+        theta, scaling = _rope(rope, float(raw.get("rope_theta", 10000.0)))
+    windows = _layer_windows(raw, kind, layers)
 
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -274,8 +386,15 @@ def _from_hf(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2" or attention_bias,
-        o_bias=kind == "llama" and attention_bias,
+        o_bias=kind in ("llama", "qwen3", "gemma3_text") and attention_bias,
         sliding_windows=windows,
+        local_rope_theta=local_theta if windows is not None else None,
+        qk_norm=kind in ("qwen3", "gemma3_text"),
+        norm_plus_one=gemma,
+        sandwich_norms=gemma,
+        mlp_activation=ACTIVATIONS[activation],
+        scale_embeddings=gemma,
+        query_pre_attn_scalar=float(raw["query_pre_attn_scalar"]) if gemma else None,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )

@@ -162,9 +162,21 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         attn = hf + "self_attn."
+        if cfg.sandwich_norms:  # Gemma 3 names four norms; the second follows attention
+            table |= {
+                ours + "attn_post_norm.scale": plain(hf + "post_attention_layernorm.weight", D),
+                ours + "mlp_norm.scale": plain(hf + "pre_feedforward_layernorm.weight", D),
+                ours + "mlp_post_norm.scale": plain(hf + "post_feedforward_layernorm.weight", D),
+            }
+        else:
+            table[ours + "mlp_norm.scale"] = plain(hf + "post_attention_layernorm.weight", D)
+        if cfg.qk_norm:
+            table |= {
+                ours + "attn.q_norm.scale": plain(attn + "q_norm.weight", H),
+                ours + "attn.k_norm.scale": plain(attn + "k_norm.weight", H),
+            }
         table |= {
             ours + "attn_norm.scale": plain(hf + "input_layernorm.weight", D),
-            ours + "mlp_norm.scale": plain(hf + "post_attention_layernorm.weight", D),
             # Same [out, in] order as jaxllm: only the head dims are split out of the rows.
             ours + "attn.wq": Stored(attn + "q_proj.weight", (N * H, D), (N, H, D), (0, 1, 2)),
             ours + "attn.wk": Stored(attn + "k_proj.weight", (K * H, D), (K, H, D), (0, 1, 2)),

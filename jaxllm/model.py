@@ -61,15 +61,29 @@ class Layout:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs):
-        self.scale = _param(rngs, (dim,), ("norm",), dtype, jax.nn.initializers.ones)
-        self.eps = eps
+    """RMSNorm over the last dimension (the model width, or a head's for query/key norms).
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    ``plus_one`` (Gemma): the output is multiplied by ``1 + scale`` in float32 and then cast;
+    otherwise (Llama) the normalised input is cast first and multiplied by ``scale``, each as
+    its Hugging Face reference rounds in bfloat16."""
+
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, plus_one: bool = False):
+        init = jax.nn.initializers.zeros if plus_one else jax.nn.initializers.ones
+        self.scale = _param(rngs, (dim,), ("norm",), dtype, init)
+        self.eps, self.plus_one = eps, plus_one
+
+    def __call__(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
         # Normalise in float32 whatever the activation dtype, as Hugging Face does.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...][None, None, :] * x32.astype(x.dtype)
+        scale = self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        if self.plus_one:
+            return (x32 * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return scale * x32.astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, dim: int, dtype, rngs: nnx.Rngs) -> RMSNorm:
+    return RMSNorm(dim, cfg.rms_norm_eps, dtype, rngs, plus_one=cfg.norm_plus_one)
 
 
 def _weight(
@@ -114,6 +128,14 @@ class Attention(nnx.Module):
         self.o_bias = cfg.o_bias
         if cfg.o_bias:
             self.bo = _param(rngs, (D,), ("embed",), dtype)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # one scale per head dimension, shared by every head
+            self.q_norm = _norm(cfg, H, dtype, rngs)
+            self.k_norm = _norm(cfg, H, dtype, rngs)
+        # Queries are pre-multiplied so that the attention functions' H**-0.5 gives the
+        # model's own scale (Gemma 3: query_pre_attn_scalar**-0.5); None: H**-0.5 is it.
+        scalar = cfg.query_pre_attn_scalar
+        self.query_scale = None if scalar is None else (H / scalar) ** 0.5
         self.num_kv_heads, self.head_dim = K, H
         self.layout = layout
         self.kernels = kernels  # which attention code runs (jaxllm.attention_kernels)
@@ -140,8 +162,12 @@ class Attention(nnx.Module):
         v = quantize.linear(x, self.wv[...], _scale(self.wv_scale), sliced=self.sliced)
         if self.qkv_bias:
             q, k, v = q + self.bq[None, None], k + self.bk[None, None], v + self.bv[None, None]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = rope.apply_rotary(q, cos, sin)
         k = rope.apply_rotary(k, cos, sin)
+        if self.query_scale is not None:
+            q = q * jnp.asarray(self.query_scale, q.dtype)
         q = self.layout(q, "act_batch", "act_length", "act_heads", None)
         B, T, N, H = q.shape
 
@@ -179,6 +205,7 @@ class MLP(nnx.Module):
         self.w_gate, self.w_gate_scale = _weight(rngs, (F, D), ("mlp", "embed"), dtype, quantized)
         self.w_up, self.w_up_scale = _weight(rngs, (F, D), ("mlp", "embed"), dtype, quantized)
         self.w_down, self.w_down_scale = _weight(rngs, (D, F), ("embed", "mlp"), dtype, quantized)
+        self.activation = cfg.mlp_activation
         self.layout = layout
         self.sliced = sliced  # weights are slices of stacked arrays (quantize.linear)
 
@@ -186,7 +213,9 @@ class MLP(nnx.Module):
         sliced = self.sliced
         gate = quantize.linear(x, self.w_gate[...], _scale(self.w_gate_scale), sliced=sliced)
         up = quantize.linear(x, self.w_up[...], _scale(self.w_up_scale), sliced=sliced)
-        hidden = self.layout(jax.nn.silu(gate) * up, "act_batch", "act_length", "act_mlp")
+        # SwiGLU, or GeGLU with the tanh approximation (Gemma's gelu_pytorch_tanh).
+        gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, True)
+        hidden = self.layout(gate * up, "act_batch", "act_length", "act_mlp")
         return quantize.linear(hidden, self.w_down[...], _scale(self.w_down_scale), sliced=sliced)
 
 
@@ -205,18 +234,26 @@ class Block(nnx.Module):
         kernels,
         sliced: bool = False,
     ):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        D = cfg.hidden_size
+        self.attn_norm = _norm(cfg, D, dtype, rngs)
         self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels, sliced)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        self.mlp_norm = _norm(cfg, D, dtype, rngs)
         self.mlp = MLP(cfg, layout, dtype, quantized, rngs, sliced)
+        self.sandwich_norms = cfg.sandwich_norms
+        if cfg.sandwich_norms:  # Gemma 3: each branch normalised again before the residual
+            self.attn_post_norm = _norm(cfg, D, dtype, rngs)
+            self.mlp_post_norm = _norm(cfg, D, dtype, rngs)
         self.layout = layout
 
     def __call__(self, x, positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window):
         attn_out, pool = self.attn(
             self.attn_norm(x), positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window
         )
+        mlp_post_norm = self.mlp_post_norm if self.sandwich_norms else lambda h: h
+        if self.sandwich_norms:
+            attn_out = self.attn_post_norm(attn_out)
         x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + mlp_post_norm(self.mlp(self.mlp_norm(x)))
         return self.layout(x, "act_batch", "act_length", "act_embed"), pool
 
 
@@ -274,7 +311,7 @@ class Transformer(nnx.Module):
             self.layers = nnx.List(
                 [Block(cfg, layout, dtype, quantized, rngs, kernels) for _ in range(cfg.num_layers)]
             )
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        self.final_norm = _norm(cfg, cfg.hidden_size, dtype, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head, self.lm_head_scale = _weight(
                 rngs, table, ("vocab", "embed"), dtype, quantized
@@ -297,44 +334,61 @@ class Transformer(nnx.Module):
         token's key/value is written to its page and attention reads each sequence's pages
         (``jaxllm.attention.paged``, ``block_pages`` pages per loop iteration, static)."""
         x = quantize.embed(self.embed[...], _scale(self.embed_scale), tokens, self.dtype)
+        if self.config.scale_embeddings:  # by sqrt(D) rounded to the weights' dtype, as HF
+            x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
         x = self.layout(x, "act_batch", "act_length", "act_embed")
-        cfg = self.config
-        inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        cos, sin = rope.rotary_angles(positions, jnp.asarray(inv_freq))
-        args = (positions, cos, sin, pool, step, block_pages, kv_dtype)
+        angles = self.rotary_angles(positions)
+        args = (positions, angles, pool, step, block_pages, kv_dtype)
         x, pool = (self._scan_layers if self.scan_layers else self._loop_layers)(x, *args)
         return self.final_norm(x), pool
 
-    def _loop_layers(self, x, positions, cos, sin, pool, step, block_pages, kv_dtype):
+    def rotary_angles(self, positions: Int[Array, "B T"]) -> Float[Array, "2 R B T H"]:
+        """``(cos, sin)`` of every rope the layers use, stacked on ``R``: the model's rope,
+        then, where local layers have their own base (``local_rope_theta``), theirs."""
+        cfg = self.config
+        ropes = [(cfg.rope_theta, cfg.rope_scaling)]
+        if cfg.local_rope_theta is not None:
+            ropes.append((cfg.local_rope_theta, None))
+        tables = [
+            rope.rotary_angles(positions, jnp.asarray(rope.inverse_frequencies(cfg.head_dim, *r)))
+            for r in ropes
+        ]
+        return jnp.stack([jnp.stack(pair) for pair in zip(*tables, strict=True)])
+
+    def _loop_layers(self, x, positions, angles, pool, step, block_pages, kv_dtype):
         """Runs one Block per layer in a Python loop (traced once per layer)."""
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 window = self.config.window(i)
+                cos, sin = angles[:, int(self.config.uses_local_rope(i))]
                 x, pool = block(
                     x, positions, cos, sin, pool, i, step, block_pages, kv_dtype, window
                 )
         return x, pool
 
-    def _scan_layers(self, x, positions, cos, sin, pool, step, block_pages, kv_dtype):
+    def _scan_layers(self, x, positions, angles, pool, step, block_pages, kv_dtype):
         """Runs the stacked layers in order with ``jax.lax.scan``: one traced layer, the
         residual stream and the pool carried from layer to layer."""
         graphdef, state = nnx.split(self.layers)
         windows = self.windows()
         per_layer = isinstance(windows, np.ndarray)
+        L = self.config.num_layers
+        ropes = np.array([self.config.uses_local_rope(i) for i in range(L)], np.int32)
 
         def layer(carry, xs):
             x, pool = carry
-            params, i, window = xs
+            params, i, window, which_rope = xs
             block = nnx.merge(graphdef, params)
             window = window if per_layer else windows
+            cos, sin = angles[:, which_rope]
             with jax.named_scope("layer"):
                 x, pool = block(
                     x, positions, cos, sin, pool, i, step, block_pages, kv_dtype, window
                 )
             return (x, pool), None
 
-        L = self.config.num_layers
-        xs = (state, jnp.arange(L, dtype=jnp.int32), jnp.asarray(windows) if per_layer else None)
+        layer_windows = jnp.asarray(windows) if per_layer else None
+        xs = (state, jnp.arange(L, dtype=jnp.int32), layer_windows, jnp.asarray(ropes))
         (x, pool), _ = jax.lax.scan(layer, (x, pool), xs)
         return x, pool
 

@@ -21,6 +21,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
     if scaling is None:
         return inv_freq
+    if scaling.rope_type == "linear":  # positions interpolated: every rate divided by factor
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
     # Llama 3.1: slow down low frequencies by `factor`, keep high ones, blend in between.
     old_len = scaling.original_max_position_embeddings
     low_wavelen = old_len / scaling.low_freq_factor

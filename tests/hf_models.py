@@ -50,12 +50,37 @@ VARIANTS: dict[str, tuple[str, dict]] = {
             num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=1
         ),
     ),
+    # Query/key norms per head; a head_dim that is not hidden_size / heads.
+    "qwen3": ("Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=24)),
+    # Every Gemma 3 detail at once: a window (16) shorter than the 64-token prompts on
+    # alternate layers, with their own rope base; linearly scaled rope on the global ones;
+    # a query scale that is not head_dim's; GeGLU, (1 + w) norms, sandwich norms, tied and
+    # scaled embeddings.
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
 }
+# Config classes not named after the model class.
+_CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
 
 
 def build(variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
     arch, extra = VARIANTS[variant]
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config_cls = getattr(
+        transformers, _CONFIG_CLASSES.get(arch, arch.replace("ForCausalLM", "Config"))
+    )
     config = config_cls(**{**_BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()

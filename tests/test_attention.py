@@ -101,3 +101,24 @@ def test_a_group_of_padding_rows_runs_no_block_and_stays_finite():
     np.testing.assert_allclose(
         out[:2], dense(q[:2], table[:2], lengths[:2], positions[:2], pages), atol=2e-5
     )
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_a_sliding_window_reads_no_page_older_than_the_window(C):
+    """Pages that lie wholly before every query's window hold NaN: had the loop read them
+    (even masked), the NaN would reach the output through the value product."""
+    rng = np.random.default_rng(7)
+    window = 12
+    table, lengths, positions = rows(rng, [150, 60], C)
+    q = rng.standard_normal((2, C, K * G, H), dtype=np.float32)
+    clean = pool(rng)
+    keys, values = np.array(clean.keys), np.array(clean.values)
+    for r in range(2):
+        oldest = positions[r, 0] - window + 1
+        first_block = oldest // BLOCK
+        assert first_block >= 1  # something to skip
+        stale = table[r, : first_block * BLOCK_PAGES]
+        keys[LAYER, stale], values[LAYER, stale] = np.nan, np.nan
+    poisoned = KVPool(jnp.asarray(keys), jnp.asarray(values))
+    got = run(q, table, lengths, positions, 1, poisoned, window)
+    np.testing.assert_array_equal(got, run(q, table, lengths, positions, 1, clean, window))

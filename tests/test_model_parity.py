@@ -55,7 +55,14 @@ def load_runner(path, scan_layers: bool | None = None) -> ModelRunner:
 # Every variant with its layers unrolled (the CPU default); scanned over stacked weights (the
 # TPU/GPU default), the variants whose layer code differs: embeddings tied or not, biases, a
 # window shared by every layer, windows that differ by layer.
-SCANNED = ("llama3_gqa", "llama_tied", "qwen2_bias", "mistral_sliding", "qwen2_window_layers")
+SCANNED = (
+    "llama3_gqa",
+    "llama_tied",
+    "qwen2_bias",
+    "mistral_sliding",
+    "qwen2_window_layers",
+    "gemma3",
+)
 
 
 @pytest.fixture(
