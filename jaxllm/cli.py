@@ -1,7 +1,7 @@
 """The ``jaxllm`` command line.
 
     jaxllm generate [--model PATH] [--mesh data=2,tensor=4] [sampling flags] PROMPT
-    jaxllm convert HF_DIR OUT_DIR [--dtype bfloat16] [--quantize int8]
+    jaxllm convert HF_DIR|MODEL.gguf OUT_DIR [--dtype bfloat16] [--quantize int8]
     jaxllm info [--model PATH] [--mesh ...]
     jaxllm prune [--model PATH] OUT_DIR --mlp-fraction 0.25 [--calibration FILE ...]
 
@@ -89,17 +89,22 @@ def _convert(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from jaxllm.orbax_checkpoint import convert_hf_to_orbax
+    from jaxllm.gguf_checkpoint import is_gguf_file
+    from jaxllm.orbax_checkpoint import convert_gguf_to_orbax, convert_hf_to_orbax
 
-    # Bytes as stored; a --dtype cast changes what is written, not how much is read.
-    total = sum(f.stat().st_size for f in Path(args.hf_dir).glob("*.safetensors"))
+    # A GGUF file (by its magic bytes) or a Hugging Face folder.
+    gguf = is_gguf_file(args.hf_dir)
+    # Bytes as stored; a --dtype cast changes what is written, not how much is read. A GGUF
+    # file's quantized bytes say nothing of what its dequantized tensors will weigh.
+    total = None if gguf else sum(f.stat().st_size for f in Path(args.hf_dir).glob("*.safetensors"))
+    convert = convert_gguf_to_orbax if gguf else convert_hf_to_orbax
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting") as bar:
 
         def progress(name: str, nbytes: int) -> None:
             bar.set_postfix_str(name, refresh=False)
             bar.update(nbytes)
 
-        out = convert_hf_to_orbax(
+        out = convert(
             args.hf_dir, args.out_dir, dtype=args.dtype, quantize=args.quantize, on_tensor=progress
         )
     print(f"wrote {out}")
@@ -203,8 +208,10 @@ def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.set_defaults(run=generate_locally)
 
-    convert = commands.add_parser("convert", help="Hugging Face safetensors -> Orbax checkpoint")
-    convert.add_argument("hf_dir")
+    convert = commands.add_parser(
+        "convert", help="Hugging Face folder or GGUF file -> Orbax checkpoint"
+    )
+    convert.add_argument("hf_dir", metavar="HF_DIR|MODEL.gguf")
     convert.add_argument("out_dir")
     convert.add_argument("--dtype", help="store as this dtype (default: as in the checkpoint)")
     convert.add_argument(

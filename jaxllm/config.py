@@ -25,6 +25,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3_text",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # Activations of the gated MLP, by the name Hugging Face configs use.
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -86,6 +88,14 @@ class ModelConfig:
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size)
     # Attention scores scale by query_pre_attn_scalar**-0.5 (Gemma 3), else head_dim**-0.5.
     query_pre_attn_scalar: float | None = None
+    # Mixture-of-Experts (Mixtral, Qwen3-MoE): every layer's MLP is E experts of width
+    # expert_intermediate_size, each token's output the weighted sum of its top-k experts'
+    # (jaxllm.moe). 0 experts: a dense MLP of intermediate_size.
+    num_experts: int = 0  # E
+    experts_per_token: int = 0  # k
+    expert_intermediate_size: int = 0
+    # Top-k routing weights renormalised to sum 1 (Mixtral always; Qwen3-MoE: norm_topk_prob).
+    normalize_expert_weights: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # Set on the config a model runs with when its heads are padded or copied so that a mesh
@@ -103,6 +113,11 @@ class ModelConfig:
             raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.num_layers:
             raise ConfigError("sliding_windows needs one entry per layer")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok ({self.experts_per_token}) must be between 1 and the "
+                f"number of experts ({self.num_experts})"
+            )
         if self.mlp_activation not in ACTIVATIONS.values():
             raise ConfigError(
                 f"mlp_activation {self.mlp_activation!r} is not one of "
@@ -150,7 +165,10 @@ class ModelConfig:
         N, K = self.stored.num_heads, self.stored.num_kv_heads
         attn = D * N * H * 2 + D * K * H * 2
         attn += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
-        layer = attn + 3 * D * F + (4 if self.sandwich_norms else 2) * D
+        mlp = 3 * D * F
+        if self.num_experts:  # the router, then every expert's three matrices
+            mlp = self.num_experts * (D + 3 * D * self.expert_intermediate_size)
+        layer = attn + mlp + (4 if self.sandwich_norms else 2) * D
         embeddings = V * D * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embeddings + D
 
@@ -200,7 +218,7 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) or None,
         }
-        if model_type in ("llama", "qwen3", "gemma3_text"):
+        if model_type in ("llama", "qwen3", "gemma3_text", "qwen3_moe"):
             out["attention_bias"] = self.qkv_bias
         windows = set(self.sliding_windows or [None]) - {None}
         if len(windows) > 1:
@@ -210,13 +228,28 @@ class ModelConfig:
             "full_attention" if self.window(i) is None else "sliding_attention"
             for i in range(self.num_layers)
         ]
-        if model_type == "mistral":
+        if model_type == "mixtral":
+            out |= {
+                "num_local_experts": self.num_experts,
+                "num_experts_per_tok": self.experts_per_token,
+            }
+        elif model_type == "qwen3_moe":
+            out |= {
+                "num_experts": self.num_experts,
+                "num_experts_per_tok": self.experts_per_token,
+                "moe_intermediate_size": self.expert_intermediate_size,
+                "norm_topk_prob": self.normalize_expert_weights,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+            }
+        if model_type in ("mistral", "mixtral"):
             if window is not None and "full_attention" in types:
-                raise ConfigError("Mistral applies one sliding_window to every layer")
+                raise ConfigError(f"{model_type} applies one sliding_window to every layer")
             out["sliding_window"] = window
-        elif model_type in ("qwen2", "qwen3"):
+        elif model_type in ("qwen2", "qwen3", "qwen3_moe"):
             out |= {"use_sliding_window": window is not None, "sliding_window": window}
-            out |= {"layer_types": types, "max_window_layers": self.num_layers}
+            if window is not None:
+                out |= {"layer_types": types, "max_window_layers": self.num_layers}
         elif model_type == "gemma3_text":
             del out["hidden_act"], out["rope_theta"]
             local = {"rope_type": "default", "rope_theta": self.local_rope_theta or self.rope_theta}
@@ -281,9 +314,9 @@ def _rope(params: dict[str, Any], default_theta: float) -> tuple[float, RopeScal
 
 def _layer_windows(raw: dict[str, Any], kind: str, layers: int) -> tuple[int | None, ...] | None:
     """Each layer's sliding window (None: full attention), as the family defines them."""
-    if kind == "mistral":
+    if kind in ("mistral", "mixtral"):
         return (int(raw["sliding_window"]),) * layers if raw.get("sliding_window") else None
-    if kind in ("qwen2", "qwen3"):
+    if kind in ("qwen2", "qwen3", "qwen3_moe"):
         if not raw.get("use_sliding_window"):
             return None
         first = raw.get("max_window_layers", layers)
@@ -368,6 +401,7 @@ def _from_hf(raw: dict[str, Any]) -> ModelConfig:
         theta, scaling = _rope(rope, float(raw.get("rope_theta", 10000.0)))
     windows = _layer_windows(raw, kind, layers)
 
+    experts = _experts(raw, kind)
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     attention_bias = bool(raw.get("attention_bias", False))
@@ -386,10 +420,10 @@ def _from_hf(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=kind == "qwen2" or attention_bias,
-        o_bias=kind in ("llama", "qwen3", "gemma3_text") and attention_bias,
+        o_bias=kind in ("llama", "qwen3", "gemma3_text", "qwen3_moe") and attention_bias,
         sliding_windows=windows,
         local_rope_theta=local_theta if windows is not None else None,
-        qk_norm=kind in ("qwen3", "gemma3_text"),
+        qk_norm=kind in ("qwen3", "gemma3_text", "qwen3_moe"),
         norm_plus_one=gemma,
         sandwich_norms=gemma,
         mlp_activation=ACTIVATIONS[activation],
@@ -397,6 +431,31 @@ def _from_hf(raw: dict[str, Any]) -> ModelConfig:
         query_pre_attn_scalar=float(raw["query_pre_attn_scalar"]) if gemma else None,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        **experts,
+    )
+
+
+def _experts(raw: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The Mixture-of-Experts fields of ModelConfig (none for a dense family)."""
+    if kind == "mixtral":
+        return dict(
+            num_experts=int(raw["num_local_experts"]),
+            experts_per_token=int(raw["num_experts_per_tok"]),
+            expert_intermediate_size=int(raw["intermediate_size"]),
+            normalize_expert_weights=True,
+        )
+    if kind != "qwen3_moe":
+        return {}
+    if int(raw.get("decoder_sparse_step", 1)) != 1 or raw.get("mlp_only_layers"):
+        raise ConfigError(
+            "Qwen3-MoE with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is "
+            "not supported: every layer must be a Mixture-of-Experts layer"
+        )
+    return dict(
+        num_experts=int(raw.get("num_experts") or raw["num_local_experts"]),
+        experts_per_token=int(raw["num_experts_per_tok"]),
+        expert_intermediate_size=int(raw["moe_intermediate_size"]),
+        normalize_expert_weights=bool(raw.get("norm_topk_prob", False)),
     )
 
 
@@ -414,4 +473,76 @@ LLAMA3_8B = ModelConfig(
 )
 LLAMA3_70B = dataclasses.replace(
     LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64
+)
+QWEN3_8B = ModelConfig(
+    architecture="Qwen3ForCausalLM",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_layers=36,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=40960,
+    qk_norm=True,
+)
+# Gemma 3 12B's text model: five local layers (1024-token window, rope base 10k) to one
+# global layer (rope base 1M, positions scaled by 8).
+GEMMA3_12B = ModelConfig(
+    architecture="Gemma3ForCausalLM",
+    vocab_size=262208,
+    hidden_size=3840,
+    intermediate_size=15360,
+    num_layers=48,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=256,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    rope_scaling=RopeScaling(factor=8.0, rope_type="linear"),
+    max_position_embeddings=131072,
+    tie_word_embeddings=True,
+    sliding_windows=tuple(None if (i + 1) % 6 == 0 else 1024 for i in range(48)),
+    local_rope_theta=10_000.0,
+    qk_norm=True,
+    norm_plus_one=True,
+    sandwich_norms=True,
+    mlp_activation="gelu_tanh",
+    scale_embeddings=True,
+    query_pre_attn_scalar=256.0,
+)
+MIXTRAL_8X7B = ModelConfig(
+    architecture="MixtralForCausalLM",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=32768,
+    num_experts=8,
+    experts_per_token=2,
+    expert_intermediate_size=14336,
+)
+QWEN3_30B_A3B = ModelConfig(
+    architecture="Qwen3MoeForCausalLM",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_layers=48,
+    num_heads=32,
+    num_kv_heads=4,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=40960,
+    qk_norm=True,
+    num_experts=128,
+    experts_per_token=8,
+    expert_intermediate_size=768,
+    normalize_expert_weights=True,
 )

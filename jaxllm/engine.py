@@ -108,6 +108,12 @@ class Engine:
         self.failure: BaseException | None = None
         self.mirror: Mirror | None = None  # set on the leader of a multi-host server
         self.steps = 0
+        # Mixture-of-Experts: tokens each layer routed to each expert, summed over steps
+        # (``[L, E]``, padding excluded); None for a dense model.
+        cfg = runner.config
+        self.expert_tokens = (
+            np.zeros((cfg.num_layers, cfg.num_experts), np.int64) if cfg.num_experts else None
+        )
         CompileCounter.install()
         log.info(
             "KV pool: %d pages of %d tokens (%.1f MiB, %s), %d step shapes",
@@ -292,6 +298,21 @@ class Engine:
             "steps": self.steps,
             "compiles": CompileCounter.count,
             "startup": self.startup.as_dict(),
+            **self._expert_stats(),
+        }
+
+    def _expert_stats(self) -> dict:
+        """Expert load balance of a Mixture-of-Experts model (nothing for a dense one):
+        tokens routed to each expert (summed over layers and steps; each token counts once
+        per layer for each of its k experts) and the imbalance, the busiest expert's share
+        over the mean share, averaged over layers (1.0: perfectly even)."""
+        if self.expert_tokens is None:
+            return {}
+        tokens = self.expert_tokens.copy()  # [L, E]
+        per_layer = tokens.max(axis=1) / np.maximum(tokens.mean(axis=1), 1e-9)
+        return {
+            "expert_tokens": tokens.sum(axis=0).tolist(),
+            "expert_load_imbalance": float(per_layer.mean()) if tokens.any() else 1.0,
         }
 
     def wait_idle(self, timeout: float = 60.0) -> None:
@@ -342,7 +363,9 @@ class Engine:
     def run_step(self, inp: step.StepInput) -> Sampled:
         if self.mirror is not None:
             self.mirror.step(inp)
-        sampled, self.pool = self._step(self.runner.params, self.pool, inp)
+        sampled, self.pool, load = self._step(self.runner.params, self.pool, inp)
+        if self.expert_tokens is not None:  # [L, E]: small, and the step is done by now
+            self.expert_tokens += np.asarray(load, np.int64)
         return sampled
 
     # -- host loops -------------------------------------------------------------------------

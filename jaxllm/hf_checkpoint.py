@@ -135,12 +135,32 @@ class HFCheckpoint:
 @dataclasses.dataclass(frozen=True)
 class Stored:
     """How Hugging Face stores one jaxllm parameter: under ``name`` with ``shape``; viewed as
-    ``view`` and transposed by ``perm`` it becomes jaxllm's layout."""
+    ``view`` and transposed by ``perm`` it becomes jaxllm's layout.
+
+    ``experts`` > 0: the parameter stacks that many experts' matrices on a leading axis, each
+    stored on its own under ``name`` with ``{e}`` replaced by the expert's index (Mixtral's
+    ``...experts.{e}.w1.weight``); ``shape``, ``view`` and ``perm`` are one expert's."""
 
     name: str
     shape: tuple[int, ...]
     view: tuple[int, ...]
     perm: tuple[int, ...]
+    experts: int = 0
+
+    @property
+    def ours(self) -> tuple[int, ...]:
+        """The jaxllm parameter's shape."""
+        one = tuple(self.view[p] for p in self.perm)
+        return (self.experts, *one) if self.experts else one
+
+    def tensors(self) -> list[Stored]:
+        """The stored tensors this parameter is made of: itself, or one per expert."""
+        if not self.experts:
+            return [self]
+        return [
+            dataclasses.replace(self, name=self.name.format(e=e), experts=0)
+            for e in range(self.experts)
+        ]
 
 
 def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
@@ -175,6 +195,14 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
                 ours + "attn.q_norm.scale": plain(attn + "q_norm.weight", H),
                 ours + "attn.k_norm.scale": plain(attn + "k_norm.weight", H),
             }
+        if cfg.num_experts:
+            table |= _expert_layout(cfg, hf, ours)
+        else:
+            table |= {
+                ours + "mlp.w_gate": plain(hf + "mlp.gate_proj.weight", F, D),
+                ours + "mlp.w_up": plain(hf + "mlp.up_proj.weight", F, D),
+                ours + "mlp.w_down": plain(hf + "mlp.down_proj.weight", D, F),
+            }
         table |= {
             ours + "attn_norm.scale": plain(hf + "input_layernorm.weight", D),
             # Same [out, in] order as jaxllm: only the head dims are split out of the rows.
@@ -182,9 +210,6 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
             ours + "attn.wk": Stored(attn + "k_proj.weight", (K * H, D), (K, H, D), (0, 1, 2)),
             ours + "attn.wv": Stored(attn + "v_proj.weight", (K * H, D), (K, H, D), (0, 1, 2)),
             ours + "attn.wo": Stored(attn + "o_proj.weight", (D, N * H), (D, N, H), (0, 1, 2)),
-            ours + "mlp.w_gate": plain(hf + "mlp.gate_proj.weight", F, D),
-            ours + "mlp.w_up": plain(hf + "mlp.up_proj.weight", F, D),
-            ours + "mlp.w_down": plain(hf + "mlp.down_proj.weight", D, F),
         }
         if cfg.qkv_bias:
             table |= {
@@ -197,12 +222,32 @@ def hf_layout(cfg: ModelConfig) -> dict[str, Stored]:
     return table
 
 
+def _expert_layout(cfg: ModelConfig, hf: str, ours: str) -> dict[str, Stored]:
+    """A Mixture-of-Experts layer's router and experts, as Mixtral and Qwen3-MoE store them."""
+    D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate_size
+    if cfg.architecture == "MixtralForCausalLM":
+        moe, gate, up, down = hf + "block_sparse_moe.", "w1", "w3", "w2"
+    else:
+        moe, gate, up, down = hf + "mlp.", "gate_proj", "up_proj", "down_proj"
+
+    def experts(name: str, *shape: int) -> Stored:
+        return Stored(f"{moe}experts.{{e}}.{name}.weight", shape, shape, (0, 1), experts=E)
+
+    return {
+        ours + "moe.router": Stored(moe + "gate.weight", (E, D), (E, D), (0, 1)),
+        ours + "moe.w_gate": experts(gate, F, D),
+        ours + "moe.w_up": experts(up, F, D),
+        ours + "moe.w_down": experts(down, D, F),
+    }
+
+
 # Stored by some exporters but carrying nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _check_names(ckpt: HFCheckpoint, layout: dict[str, Stored], cfg: ModelConfig) -> None:
-    wanted = {stored.name for stored in layout.values()}
+    tensors = [t for stored in layout.values() for t in stored.tensors()]
+    wanted = {stored.name for stored in tensors}
     missing = sorted(wanted - ckpt.names())
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -215,7 +260,7 @@ def _check_names(ckpt: HFCheckpoint, layout: dict[str, Stored], cfg: ModelConfig
             f"{ckpt.path}: tensors {sorted(extra)[:5]} are not part of a {cfg.architecture} "
             "with this config.json; refusing to serve a model that would ignore weights"
         )
-    for stored in layout.values():
+    for stored in tensors:
         found = ckpt.location[stored.name].shape(stored.name)
         if found != stored.shape:
             raise CheckpointError(
@@ -249,6 +294,24 @@ def read_into_shards(
     return jax.make_array_from_callback(target.shape, target.sharding, block)
 
 
+def read_experts_into_shards(
+    mapped: list[np.ndarray], stored: Stored, target: jax.ShapeDtypeStruct
+) -> jax.Array:
+    """``read_into_shards`` for a parameter stacked over experts: each device's block stacks
+    the experts it holds, each sliced from that expert's mapped tensor."""
+    views = [m.reshape(stored.view) for m in mapped]
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        view_index = [slice(None)] * len(stored.view)
+        for ours, theirs in enumerate(stored.perm):
+            view_index[theirs] = index[1 + ours]
+        experts = range(stored.experts)[index[0]]
+        parts = [views[e][tuple(view_index)].transpose(stored.perm) for e in experts]
+        return np.ascontiguousarray(np.stack(parts), target.dtype)
+
+    return jax.make_array_from_callback(target.shape, target.sharding, block)
+
+
 def load_hf_state(
     path: str | Path, spec: ModelSpec, on_tensor: Callable[[str, int], None] | None = None
 ) -> tuple[nnx.GraphDef, nnx.State]:
@@ -262,14 +325,18 @@ def load_hf_state(
 
     def read(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
         stored = layout[name]
-        mapped = ckpt.location[stored.name].mmap(stored.name)
+        if stored.experts:  # one tensor per expert, stacked on the leading axis
+            mapped = [ckpt.location[t.name].mmap(t.name) for t in stored.tensors()]
+            array = read_experts_into_shards(mapped, stored, target)
+        else:
+            mapped = ckpt.location[stored.name].mmap(stored.name)
+            array = read_into_shards(mapped, stored, target, spec.head_maps(name))
         # Wait for the transfers: device_put is asynchronous and would otherwise keep the
         # host blocks of several tensors alive when the device falls behind (seen under load).
-        array = read_into_shards(mapped, stored, target, spec.head_maps(name))
         array.block_until_ready()
-        del mapped  # unmap before the next tensor: only one is ever mapped
+        del mapped  # unmap before the next parameter: only its tensors are ever mapped
         if on_tensor is not None:  # bytes as stored, without copied or zero heads
-            on_tensor(name, int(np.prod(stored.shape)) * array.dtype.itemsize)
+            on_tensor(name, int(np.prod(stored.ours)) * array.dtype.itemsize)
         return array
 
     return spec.fill_from_float(read)
@@ -292,7 +359,9 @@ def save_hf_checkpoint(state: nnx.State, cfg: ModelConfig, path: str | Path) -> 
         value = np.asarray(jax.device_get(params[ours].value()))
         if cfg.head_layout is not None:
             value = head_layout.shrink_host(value, cfg.head_layout, params[ours].axes)
-        value = value.transpose(np.argsort(stored.perm)).reshape(stored.shape)
-        tensors[stored.name] = np.ascontiguousarray(value)
+        parts = value if stored.experts else [value]
+        for tensor, part in zip(stored.tensors(), parts, strict=True):
+            part = part.transpose(np.argsort(stored.perm)).reshape(stored.shape)
+            tensors[tensor.name] = np.ascontiguousarray(part)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))

@@ -7,6 +7,7 @@ one the server uses; ``logits`` runs a plain forward pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from jaxllm.chat import chat_prompt_ids
 from jaxllm.config import ModelConfig
 from jaxllm.engine import Engine
 from jaxllm.engine_config import EngineConfig
+from jaxllm.gguf_checkpoint import GGUFFile, is_gguf_file, load_gguf_state
 from jaxllm.hf_checkpoint import load_hf_state
 from jaxllm.params import ModelSpec
 from jaxllm.request_output import RequestOutput, TokenLogprob
@@ -93,7 +95,9 @@ class LLM:
         """Loads a model sharded over ``mesh`` by ``rules`` and starts its engine.
 
         ``path`` is a Hugging Face folder (config.json + *.safetensors + tokenizer), a jaxllm
-        Orbax checkpoint (``jaxllm convert``), or ``None`` for the bundled demo model
+        Orbax checkpoint (``jaxllm convert``), a GGUF file (llama.cpp's format: config,
+        tokenizer and weights in one file, dequantized as read; ``jaxllm.gguf_checkpoint``),
+        or ``None`` for the bundled demo model
         (``jaxllm.demo``: a small Python-code model trained by ``scripts/train_demo.py``).
         ``mesh`` None means every local device on ``tensor``, except on CPU, where it means
         one device (fake host devices share the same cores, so splitting only adds work).
@@ -133,18 +137,23 @@ class LLM:
         else:
             path = Path(path)
             name = path.name
-        if not path.is_dir():
-            raise FileNotFoundError(f"model folder {path} does not exist")
-        if orbax_checkpoint.is_orbax_checkpoint(path):
+        if is_gguf_file(path):  # by its magic bytes, whatever the suffix
+            gguf_file = GGUFFile(path)
+            config, tokenizer = gguf_file.config(), gguf_file.tokenizer()
+            loader = functools.partial(load_gguf_state, gguf_file)
+            stored_quantized = None
+        elif not path.is_dir():
+            raise FileNotFoundError(f"model folder or GGUF file {path} does not exist")
+        elif orbax_checkpoint.is_orbax_checkpoint(path):
             config = orbax_checkpoint.read_config(path)
             tokenizer = Tokenizer.from_dir(orbax_checkpoint.tokenizer_dir(path))
-            loader = orbax_checkpoint.load_orbax_state
+            loader = functools.partial(orbax_checkpoint.load_orbax_state, path)
             stored_quantized = orbax_checkpoint.read_quantization(path)
             quantize = stored_quantized or quantize
         else:
             config = ModelConfig.from_hf_dir(path)
             tokenizer = Tokenizer.from_dir(path)
-            loader = load_hf_state
+            loader = functools.partial(load_hf_state, path)
             stored_quantized = None
         spec = ModelSpec(
             config, dtype, mesh, get_rules(rules), quantized=quantize, scan_layers=scan_layers
@@ -157,7 +166,7 @@ class LLM:
             tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar,
             startup.recording(report),
         ):
-            graphdef, state = loader(path, spec, lambda _, n: bar.update(n))
+            graphdef, state = loader(spec, lambda _, n: bar.update(n))
         report.weights_done(time.perf_counter() - began)
         engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))
         unknown = set(engine_options) - {f.name for f in dataclasses.fields(EngineConfig)}

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
-from jaxllm import attention, attention_kernels, kv_cache, quantize, rope
+from jaxllm import attention, attention_kernels, kv_cache, moe, quantize, rope
 from jaxllm.config import ModelConfig
 from sharding import ShardingRules, constrain
 
@@ -219,6 +219,46 @@ class MLP(nnx.Module):
         return quantize.linear(hidden, self.w_down[...], _scale(self.w_down_scale), sliced=sliced)
 
 
+class MoE(nnx.Module):
+    """A Mixture-of-Experts MLP (Mixtral, Qwen3-MoE): a router picks each token's top-k
+    experts, whose SwiGLU outputs are summed with the routing weights (``jaxllm.moe``: the
+    dispatch, and expert/tensor parallelism over the mesh). The router stays in float."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs, sliced=False):
+        D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate_size
+        self.router = _param(rngs, (E, D), (None, "embed"), dtype)
+        for name, shape in (("w_gate", (E, F, D)), ("w_up", (E, F, D)), ("w_down", (E, D, F))):
+            w, scale = _weight(rngs, shape, moe.WEIGHT_AXES[name], dtype, quantized)
+            setattr(self, name, w)
+            setattr(self, name + "_scale", scale)
+        self.top_k, self.normalize = cfg.experts_per_token, cfg.normalize_expert_weights
+        self.layout = layout
+
+    def __call__(
+        self, x: Float[Array, "B T D"], token_mask: Array | None = None
+    ) -> tuple[Float[Array, "B T D"], Float[Array, " E"]]:
+        """The layer's output and how many of the (``token_mask``ed) tokens each expert got."""
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        logits = jnp.einsum("TD,ED->TE", flat, self.router[...], preferred_element_type=jnp.float32)
+        weights, experts = moe.route(logits, self.top_k, self.normalize)
+        scales = [_scale(getattr(self, m + "_scale")) for m in moe.MATRICES]
+        y, _ = moe.experts_mlp(
+            flat,
+            weights.astype(x.dtype),  # as Qwen3-MoE rounds them (and Mixtral in float32)
+            experts,
+            self.w_gate[...],
+            self.w_up[...],
+            self.w_down[...],
+            None if scales[0] is None else scales,
+            mesh=self.layout.mesh,
+            rules=self.layout.rules,
+        )
+        real = jnp.ones((B * T,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
+        load = jnp.zeros(self.router.shape[0], jnp.float32).at[experts].add(real[:, None])
+        return y.reshape(B, T, D), load
+
+
 class Block(nnx.Module):
     """One decoder layer. A scanned model holds a single Block whose parameters are stacked
     over layers (``stacked_blocks``, ``sliced``: the scan hands each layer slices of them);
@@ -238,23 +278,35 @@ class Block(nnx.Module):
         self.attn_norm = _norm(cfg, D, dtype, rngs)
         self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels, sliced)
         self.mlp_norm = _norm(cfg, D, dtype, rngs)
-        self.mlp = MLP(cfg, layout, dtype, quantized, rngs, sliced)
+        if cfg.num_experts:
+            self.moe = MoE(cfg, layout, dtype, quantized, rngs, sliced)
+        else:
+            self.mlp = MLP(cfg, layout, dtype, quantized, rngs, sliced)
+        self.num_experts = cfg.num_experts
         self.sandwich_norms = cfg.sandwich_norms
         if cfg.sandwich_norms:  # Gemma 3: each branch normalised again before the residual
             self.attn_post_norm = _norm(cfg, D, dtype, rngs)
             self.mlp_post_norm = _norm(cfg, D, dtype, rngs)
         self.layout = layout
 
-    def __call__(self, x, positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window):
+    def __call__(
+        self, x, positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window, mask
+    ):
+        """The layer's output, the pool, and the tokens each expert got ([E]; [0] if dense)."""
         attn_out, pool = self.attn(
             self.attn_norm(x), positions, cos, sin, pool, layer, step, block_pages, kv_dtype, window
         )
-        mlp_post_norm = self.mlp_post_norm if self.sandwich_norms else lambda h: h
         if self.sandwich_norms:
             attn_out = self.attn_post_norm(attn_out)
         x = x + attn_out
-        x = x + mlp_post_norm(self.mlp(self.mlp_norm(x)))
-        return self.layout(x, "act_batch", "act_length", "act_embed"), pool
+        if self.num_experts:
+            mlp_out, load = self.moe(self.mlp_norm(x), mask)
+        else:
+            mlp_out, load = self.mlp(self.mlp_norm(x)), jnp.zeros((0,), jnp.float32)
+        if self.sandwich_norms:
+            mlp_out = self.mlp_post_norm(mlp_out)
+        x = x + mlp_out
+        return self.layout(x, "act_batch", "act_length", "act_embed"), pool, load
 
 
 def stacked_blocks(
@@ -333,14 +385,33 @@ class Transformer(nnx.Module):
         With a pool and an engine ``step`` (``B == 1``: the step's tokens flattened), each
         token's key/value is written to its page and attention reads each sequence's pages
         (``jaxllm.attention.paged``, ``block_pages`` pages per loop iteration, static)."""
+        hidden, pool, _ = self.forward(
+            tokens, positions, pool, step, block_pages=block_pages, kv_dtype=kv_dtype
+        )
+        return hidden, pool
+
+    def forward(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        pool: kv_cache.KVPool | None = None,
+        step: attention.PagedBatch | None = None,
+        *,
+        block_pages: int = 8,
+        kv_dtype=None,
+        token_mask: Array | None = None,
+    ) -> tuple[Float[Array, "B T D"], kv_cache.KVPool | None, Float[Array, "L E"]]:
+        """``__call__``, plus how many tokens each layer routed to each expert (a
+        Mixture-of-Experts model; ``[L, 0]`` for a dense one), counting only the tokens of
+        ``token_mask`` (None: all)."""
         x = quantize.embed(self.embed[...], _scale(self.embed_scale), tokens, self.dtype)
         if self.config.scale_embeddings:  # by sqrt(D) rounded to the weights' dtype, as HF
             x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
         x = self.layout(x, "act_batch", "act_length", "act_embed")
         angles = self.rotary_angles(positions)
-        args = (positions, angles, pool, step, block_pages, kv_dtype)
-        x, pool = (self._scan_layers if self.scan_layers else self._loop_layers)(x, *args)
-        return self.final_norm(x), pool
+        args = (positions, angles, pool, step, block_pages, kv_dtype, token_mask)
+        x, pool, load = (self._scan_layers if self.scan_layers else self._loop_layers)(x, *args)
+        return self.final_norm(x), pool, load
 
     def rotary_angles(self, positions: Int[Array, "B T"]) -> Float[Array, "2 R B T H"]:
         """``(cos, sin)`` of every rope the layers use, stacked on ``R``: the model's rope,
@@ -355,18 +426,20 @@ class Transformer(nnx.Module):
         ]
         return jnp.stack([jnp.stack(pair) for pair in zip(*tables, strict=True)])
 
-    def _loop_layers(self, x, positions, angles, pool, step, block_pages, kv_dtype):
+    def _loop_layers(self, x, positions, angles, pool, step, block_pages, kv_dtype, mask):
         """Runs one Block per layer in a Python loop (traced once per layer)."""
+        loads = []
         for i, block in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 window = self.config.window(i)
                 cos, sin = angles[:, int(self.config.uses_local_rope(i))]
-                x, pool = block(
-                    x, positions, cos, sin, pool, i, step, block_pages, kv_dtype, window
+                x, pool, load = block(
+                    x, positions, cos, sin, pool, i, step, block_pages, kv_dtype, window, mask
                 )
-        return x, pool
+                loads.append(load)
+        return x, pool, jnp.stack(loads)
 
-    def _scan_layers(self, x, positions, angles, pool, step, block_pages, kv_dtype):
+    def _scan_layers(self, x, positions, angles, pool, step, block_pages, kv_dtype, mask):
         """Runs the stacked layers in order with ``jax.lax.scan``: one traced layer, the
         residual stream and the pool carried from layer to layer."""
         graphdef, state = nnx.split(self.layers)
@@ -382,15 +455,15 @@ class Transformer(nnx.Module):
             window = window if per_layer else windows
             cos, sin = angles[:, which_rope]
             with jax.named_scope("layer"):
-                x, pool = block(
-                    x, positions, cos, sin, pool, i, step, block_pages, kv_dtype, window
+                x, pool, load = block(
+                    x, positions, cos, sin, pool, i, step, block_pages, kv_dtype, window, mask
                 )
-            return (x, pool), None
+            return (x, pool), load
 
         layer_windows = jnp.asarray(windows) if per_layer else None
         xs = (state, jnp.arange(L, dtype=jnp.int32), layer_windows, jnp.asarray(ropes))
-        (x, pool), _ = jax.lax.scan(layer, (x, pool), xs)
-        return x, pool
+        (x, pool), loads = jax.lax.scan(layer, (x, pool), xs)
+        return x, pool, loads
 
     def windows(self) -> attention.Window | np.ndarray:
         """The sliding window every layer shares (None: none), or, where layers differ, one

@@ -141,7 +141,7 @@ def convert_hf_to_orbax(
     _check_names(ckpt, layout, config)
     if dtype is None:
         by_dtype = Counter()
-        for stored in layout.values():
+        for stored in (t for s in layout.values() for t in s.tensors()):
             stored_dtype, _, begin, end = ckpt.location[stored.name].entries[stored.name]
             by_dtype[stored_dtype] += end - begin
         dtype = by_dtype.most_common(1)[0][0]
@@ -153,7 +153,9 @@ def convert_hf_to_orbax(
     def arrays():
         for name in sorted(layout):
             stored = layout[name]
-            array = _to_jaxllm_layout(ckpt.location[stored.name], stored, dtype)
+            parts = [_to_jaxllm_layout(ckpt.location[t.name], t, dtype) for t in stored.tensors()]
+            array = np.stack(parts) if stored.experts else parts[0]
+            del parts
             in_dims = quant.input_dims(name)
             if quantize is None or in_dims is None:
                 yield name, array, axes[name]
@@ -175,6 +177,56 @@ def convert_hf_to_orbax(
     )
 
 
+def convert_gguf_to_orbax(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype=None,
+    quantize: str | None = None,
+    on_tensor: OnTensor = None,
+) -> Path:
+    """Converts a GGUF file into a checkpoint at ``out_dir``: its metadata as config.json,
+    its vocabulary as tokenizer files (with the chat template in tokenizer_config.json), and
+    its tensors dequantized one at a time and cast to ``dtype`` (default: float32 or float16
+    for a file mostly of those, else bfloat16); ``quantize="int8"`` as for
+    ``convert_hf_to_orbax``."""
+    import tempfile
+
+    from jaxllm.gguf_checkpoint import GGUFFile, jaxllm_arrays
+
+    quant.check_method(quantize)
+    file = GGUFFile(gguf_path)
+    config = file.config()
+    dtype = jnp.dtype(dtype if dtype is not None else file.stored_dtype())
+    mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
+    _, abstract = ModelSpec(config, dtype, mesh, DEFAULT_RULES).abstract()
+    axes = {k: p.axes for k, p in named_params(abstract).items()}
+
+    def arrays():
+        for name, array in jaxllm_arrays(file, config, dtype):
+            in_dims = quant.input_dims(name)
+            if quantize is None or in_dims is None:
+                yield name, array, axes[name]
+                continue
+            q, scale = (np.asarray(x) for x in quant.quantize(array, in_dims))
+            del array
+            yield name, q, axes[name]
+            yield quant.scale_name(name), scale, axes[name][: q.ndim - in_dims]
+
+    with tempfile.TemporaryDirectory() as tokenizer_src:
+        file.tokenizer().save(tokenizer_src)
+        config_text = json.dumps(config.to_hf_dict(), indent=2)
+        return _write(
+            Path(out_dir),
+            config_text,
+            tokenizer_src,
+            arrays(),
+            on_tensor,
+            host_arrays=True,
+            quantization=quantize,
+        )
+
+
 def save_state(
     state: nnx.State,
     config: ModelConfig,
@@ -192,7 +244,7 @@ def save_state(
     params = named_params(state)
     layout = config.head_layout
     for name, stored in sorted(hf_layout(config).items()):
-        shape = tuple(stored.view[p] for p in stored.perm)
+        shape = stored.ours
         found = params[name].shape if name in params else "missing"
         if layout is not None and name in params:
             found = layout.source_shape(found, params[name].axes)

@@ -66,8 +66,23 @@ DEFAULT_MULTIPLE = 8
 _MLP_AXES = {"mlp.w_gate": 0, "mlp.w_up": 0, "mlp.w_down": 1}
 
 
+def check_prunable(config: ModelConfig) -> None:
+    """Pruning's calibration replays the Llama-family layer (one rope, SwiGLU, two norms per
+    layer) and prunes dense MLPs: Gemma 3's layers and Mixture-of-Experts models are refused
+    rather than scored wrong."""
+    if config.num_experts:
+        raise ValueError(
+            f"{config.architecture}: pruning Mixture-of-Experts models is not supported"
+        )
+    if config.sandwich_norms or config.local_rope_theta or config.mlp_activation != "silu":
+        raise ValueError(f"{config.architecture}: pruning supports Llama, Mistral, Qwen2 and Qwen3")
+
+
 def _runner(model: LLM | ModelRunner) -> ModelRunner:
-    return model.runner if isinstance(model, LLM) else model
+    """The model's runner, once its family is known to be prunable."""
+    runner = model.runner if isinstance(model, LLM) else model
+    check_prunable(runner.config)
+    return runner
 
 
 # -- text -> token windows --------------------------------------------------------------------
@@ -435,6 +450,7 @@ def prune(
 ) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """``prune_mlp`` and then, if ``heads_fraction`` > 0, ``prune_heads``. ``importance`` is an
     ``Importance``, or MLP scores [L, F] alone when no heads are removed."""
+    check_prunable(config)
     mlp_scores = importance.mlp if isinstance(importance, Importance) else importance
     config, out = prune_mlp(
         params, config, mlp_scores, remove_fraction=mlp_fraction, multiple=multiple

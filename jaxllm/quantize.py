@@ -47,6 +47,11 @@ _WEIGHT_INPUT_DIMS = {
     "mlp.w_gate": 1,
     "mlp.w_up": 1,
     "mlp.w_down": 1,
+    # Mixture-of-Experts [E, out, in]: one scale per expert and output channel. The router
+    # stays in float: it is tiny, and its rounding would move tokens between experts.
+    "moe.w_gate": 1,
+    "moe.w_up": 1,
+    "moe.w_down": 1,
     "embed": 1,  # rows are looked up, and a tied head multiplies by it: one scale per row
     "lm_head": 1,
 }

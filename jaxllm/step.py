@@ -149,17 +149,21 @@ class StepFunction:
         pool_shardings = jax.tree.map(lambda x: x.sharding, pool)
         self._replicated = replicated = NamedSharding(runner.spec.mesh, PartitionSpec())
         self._model = jax.jit(
-            self._logits, donate_argnames="pool", out_shardings=(replicated, pool_shardings)
+            self._logits,
+            donate_argnames="pool",
+            out_shardings=(replicated, pool_shardings, replicated),
         )
         self._sample = jax.jit(sample_with_logprobs, out_shardings=replicated)
         self._compiled: dict[str, jax.stages.Compiled] = {}
 
-    def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Sampled, KVPool]:
+    def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Sampled, KVPool, jax.Array]:
+        """The step's draws, the updated pool, and the step's tokens routed to each expert
+        of each layer (``[L, E]``; ``[L, 0]`` for a dense model)."""
         Sd, Sp = inp.shape
         model = self._compiled.get(f"model-{Sd}x{Sp}", self._model)
         sample = self._compiled.get(f"sampler-{inp.sample_step.shape[0]}", self._sample)
-        logits, pool = model(params, pool, inp._replace(sampling=None, sample_step=None))
-        return sample(logits, inp.sampling, inp.sample_step), pool
+        logits, pool, load = model(params, pool, inp._replace(sampling=None, sample_step=None))
+        return sample(logits, inp.sampling, inp.sample_step), pool, load
 
     def lowerings(
         self, params, pool: KVPool, inp: StepInput
@@ -184,8 +188,8 @@ class StepFunction:
         self._compiled.update(compiled)
 
     def _logits(self, params, pool: KVPool, inp: StepInput):
-        """Logits ``[Rs, V]`` of each row's sampled token (padding rows: zeros) and the pool
-        with the step's keys and values written."""
+        """Logits ``[Rs, V]`` of each row's sampled token (padding rows: zeros), the pool
+        with the step's keys and values written, and the expert load of the real tokens."""
         Sd, Sp = inp.decode_kv_len.shape[0], inp.prefill_kv_len.shape[0]
         positions = inp.positions
         batch = PagedBatch(
@@ -201,9 +205,17 @@ class StepFunction:
             ),
         )
         model = self.runner.model(params)
-        hidden, pool = model(
-            inp.tokens[None], positions[None], pool, batch, block_pages=self.config.block_pages
+        # Padding tokens write to a slot past the pool's end (dropped): they are not counted.
+        P, page_size = pool.layer_shape[:2]
+        real = (inp.slots < P * page_size)[None]
+        hidden, pool, load = model.forward(
+            inp.tokens[None],
+            positions[None],
+            pool,
+            batch,
+            block_pages=self.config.block_pages,
+            token_mask=real,
         )
         logits = model.logits(hidden[:, inp.logit_index])[0]  # [R, V]
         rows = padding.bucket_for(Sd + Sp, self.config.sampler_rows)
-        return jnp.pad(logits, ((0, rows - Sd - Sp), (0, 0))), pool
+        return jnp.pad(logits, ((0, rows - Sd - Sp), (0, 0))), pool, load

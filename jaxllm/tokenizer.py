@@ -223,6 +223,24 @@ class Tokenizer:
         model_configs = [_read_json(folder / n) for n in ("generation_config.json", "config.json")]
         return cls(backend, config, model_configs)
 
+    @classmethod
+    def from_tokenizers(
+        cls,
+        tk: tokenizers.Tokenizer,
+        config: dict[str, Any],
+        model_configs: Sequence[dict[str, Any]] = (),
+    ) -> Tokenizer:
+        """A `tokenizers.Tokenizer` built in memory (a GGUF file's vocabulary); `config` and
+        `model_configs` as for the constructor. Saves as tokenizer.json."""
+        return cls(_HFBackend(tk), config, model_configs)
+
+    @classmethod
+    def from_sentencepiece(
+        cls, model: bytes, config: dict[str, Any], model_configs: Sequence[dict[str, Any]] = ()
+    ) -> Tokenizer:
+        """A serialized SentencePiece model (the bytes of a tokenizer.model)."""
+        return cls(_SentencePiece(model, config), config, model_configs)
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included."""

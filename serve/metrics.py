@@ -98,6 +98,18 @@ class Metrics:
             registry=r,
         )
 
+        self.expert_tokens = Gauge(
+            "jaxllm_moe_expert_tokens",
+            "Mixture-of-Experts: tokens routed to each expert, summed over layers and steps",
+            ["expert"],
+            registry=r,
+        )
+        self.expert_imbalance = Gauge(
+            "jaxllm_moe_load_imbalance",
+            "Mixture-of-Experts: busiest expert's load over the mean (1 = even), layer average",
+            registry=r,
+        )
+
     def watch(self, engine: Engine, admission: Admission) -> None:
         """Reads the live figures at scrape time, so they are never stale."""
         self.queue_depth.set_function(lambda: engine.queue_depth)
@@ -119,6 +131,12 @@ class Metrics:
             )
         self.startup_programs.labels("compiled").set_function(lambda: report.programs_compiled)
         self.startup_programs.labels("cache").set_function(lambda: report.programs_cached)
+        if engine.expert_tokens is not None:
+            for e in range(engine.expert_tokens.shape[1]):
+                self.expert_tokens.labels(str(e)).set_function(
+                    lambda e=e: int(engine.expert_tokens[:, e].sum())
+                )
+            self.expert_imbalance.set_function(lambda: engine.stats()["expert_load_imbalance"])
 
     def serve_http(self, host: str, port: int) -> int:
         """Starts the /metrics endpoint in a thread; returns the port bound (for port 0)."""

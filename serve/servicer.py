@@ -218,6 +218,8 @@ class LLMServicer(pb_grpc.LLMServicer):
             prefix_cache_hit_rate=stats["prefix_hit_rate"],
             preemptions=stats["preemptions"],
             startup=_startup_stats(stats["startup"]),
+            expert_tokens=stats.get("expert_tokens", []),
+            expert_load_imbalance=stats.get("expert_load_imbalance", 0.0),
         )
 
 

@@ -1,9 +1,12 @@
-"""Device meshes with the three axes every jaxllm layout is written against.
+"""Device meshes with the four axes every jaxllm layout is written against.
 
 A mesh always has the axes ``data`` (independent replicas of the model, each serving its own
-share of the batch), ``fsdp`` (weights split along the model width, gathered per layer) and
-``tensor`` (heads, MLP channels and vocabulary split across devices), in that order. Axes the
-caller does not mention get size 1, so the same logical rules work on every mesh.
+share of the batch), ``fsdp`` (weights split along the model width, gathered per layer),
+``expert`` (a mixture-of-experts layer's experts split across devices, each device running
+the tokens routed to its own experts) and ``tensor`` (heads, MLP channels and vocabulary split
+across devices), in that order: ``tensor`` is innermost because its collectives run in every
+layer, so its devices should be neighbours. Axes the caller does not mention get size 1, so
+the same logical rules work on every mesh, and a model without experts ignores ``expert``.
 
 Axes are ``Auto``: XLA's partitioner chooses collectives for matmuls over sharded contracting
 dims. ``jax.make_mesh`` defaults to ``Explicit`` axes since jax 0.10, which would reject those
@@ -18,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
 
 MeshSpec = Mesh | Mapping[str, int] | str | None
 
@@ -45,20 +48,19 @@ def parse_mesh_spec(spec: Mapping[str, int] | str) -> dict[str, int]:
 
 
 def make_mesh(spec: MeshSpec = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices).
+    """Builds a ``(data, fsdp, expert, tensor)`` mesh over ``devices`` (default: all devices).
 
     ``spec`` may be ``None`` (every device on ``tensor``), a dict or string of axis sizes, or
-    a ready ``Mesh`` (returned as is after checking its axis names). The product of the sizes
+    a ready ``Mesh``: returned as is when its axes are exactly ``AXES``; a mesh over some of
+    them in that order (e.g. the ``(data, fsdp, tensor)`` meshes of earlier versions) gets the
+    missing axes inserted with size 1, same devices and axis types. The product of the sizes
     must equal the number of devices: a mesh that leaves devices idle is almost always a
     mistake in a launch script, so it is an error rather than a silent subset.
     """
     if isinstance(spec, Mesh):
-        if tuple(spec.axis_names) != AXES:
-            raise ValueError(f"mesh axes must be {AXES}, got {tuple(spec.axis_names)}")
-        return spec
+        return _with_all_axes(spec)
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": 1, "fsdp": 1, "tensor": len(devices)} if spec is None else None
-    sizes = sizes or parse_mesh_spec(spec)
+    sizes = parse_mesh_spec({"tensor": len(devices)} if spec is None else spec)
     shape = tuple(sizes[name] for name in AXES)
     if int(np.prod(shape)) != len(devices):
         described = " x ".join(f"{n}={s}" for n, s in sizes.items() if s > 1) or "1"
@@ -67,6 +69,21 @@ def make_mesh(spec: MeshSpec = None, devices: Sequence[jax.Device] | None = None
             f"available; give sizes whose product is {len(devices)}"
         )
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def _with_all_axes(mesh: Mesh) -> Mesh:
+    names = tuple(mesh.axis_names)
+    if names == AXES:
+        return mesh
+    if [a for a in AXES if a in names] != list(names):
+        raise ValueError(f"mesh axes must be {AXES} (or some of them in that order), got {names}")
+    sizes = dict(mesh.shape)
+    types = dict(zip(names, mesh.axis_types, strict=True))
+    return Mesh(
+        mesh.devices.reshape(tuple(sizes.get(a, 1) for a in AXES)),
+        AXES,
+        axis_types=tuple(types.get(a, AxisType.Auto) for a in AXES),
+    )
 
 
 def describe_mesh(mesh: Mesh) -> str:

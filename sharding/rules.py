@@ -9,11 +9,19 @@ Weight names and activation names are kept apart, so that e.g. the model width o
 (``embed``, split by FSDP) and of activations (``act_embed``, never split) can differ.
 
 Weights:      layers (the stacked decoder layers' leading axis), vocab, embed, q_heads,
-              kv_heads, head_dim, mlp, norm
-Activations:  act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+              kv_heads, head_dim, mlp, norm, experts (the expert dimension of a
+              mixture-of-experts layer's stacked expert weights [E, F, D]), expert_mlp (one
+              expert's MLP width F)
+Activations:  act_batch, act_length, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab,
+              act_experts (the router logits' expert dimension [T, E]: replicated by every
+              preset, since top-k needs all of a token's logits)
 KV cache:     cache_layers, cache_batch, cache_pages (the paged pool's pages: replicated by
               every preset, a gather of a sequence's pages never crosses devices),
               cache_kv_heads, cache_sequence, cache_head_dim
+
+Every preset maps ``experts`` to the mesh axis ``expert`` (on a mesh whose ``expert`` axis has
+size 1 that is no split at all), and the presets that split MLP channels over ``tensor`` split
+``expert_mlp`` likewise; how the expert layer runs on such a split is ``jaxllm.moe``'s business.
 
 Two rules decide what happens where a layout cannot be honoured exactly:
 - a dimension that the mesh axes' total size does not divide (a vocabulary of 50257 over
@@ -33,8 +41,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LOGICAL_AXES: frozenset[str] = frozenset(
-    "layers vocab embed q_heads kv_heads head_dim mlp norm "
-    "act_batch act_length act_embed act_heads act_kv_heads act_mlp act_vocab "
+    "layers vocab embed q_heads kv_heads head_dim mlp norm experts expert_mlp "
+    "act_batch act_length act_embed act_heads act_kv_heads act_mlp act_vocab act_experts "
     "cache_layers cache_batch cache_pages cache_kv_heads cache_sequence cache_head_dim".split()
 )
 
@@ -104,6 +112,9 @@ class ShardingRules:
         return NamedSharding(mesh, self.spec(names, shape, mesh))
 
 
+# Expert parallelism is a weight split of its own axis, so it composes with every preset.
+_EXPERTS = {"experts": "expert"}
+
 _ACTIVATIONS_TP = {
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -119,19 +130,26 @@ TENSOR_PARALLEL = ShardingRules.from_mapping(
         "q_heads": "tensor",
         "kv_heads": "tensor",
         "mlp": "tensor",
+        "expert_mlp": "tensor",
         "act_batch": "data",
         "cache_batch": "data",
+        **_EXPERTS,
         **_ACTIVATIONS_TP,
     },
 )
 
 FSDP = ShardingRules.from_mapping(
     "fsdp",
-    {"embed": "fsdp", "act_batch": ("data", "fsdp"), "cache_batch": ("data", "fsdp")},
+    {
+        "embed": "fsdp",
+        "act_batch": ("data", "fsdp"),
+        "cache_batch": ("data", "fsdp"),
+        **_EXPERTS,
+    },
 )
 
 DATA_PARALLEL = ShardingRules.from_mapping(
-    "data_parallel", {"act_batch": "data", "cache_batch": "data"}
+    "data_parallel", {"act_batch": "data", "cache_batch": "data", **_EXPERTS}
 )
 
 FSDP_TENSOR = ShardingRules.from_mapping(
@@ -142,8 +160,10 @@ FSDP_TENSOR = ShardingRules.from_mapping(
         "q_heads": "tensor",
         "kv_heads": "tensor",
         "mlp": "tensor",
+        "expert_mlp": "tensor",
         "act_batch": ("data", "fsdp"),
         "cache_batch": ("data", "fsdp"),
+        **_EXPERTS,
         **_ACTIVATIONS_TP,
     },
 )

@@ -71,6 +71,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
             },
         ),
     ),
+    # Mixture-of-Experts: 4 experts, top-2, renormalised (Mixtral); 6 experts, top-1, not
+    # renormalised, per-head query/key norms (Qwen3-MoE). Meshes of 2, 4 and 8 devices give
+    # each more experts than devices, fewer, and a count the expert axis does not divide.
+    "mixtral": (
+        "MixtralForCausalLM",
+        dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            num_experts=6,
+            num_experts_per_tok=1,
+            moe_intermediate_size=48,
+            norm_topk_prob=False,
+        ),
+    ),
 }
 # Config classes not named after the model class.
 _CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig"}

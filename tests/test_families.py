@@ -1,7 +1,8 @@
-"""The model families beyond Llama (Qwen3, Gemma 3): their configs, logit parity with
-transformers on meshes that split heads evenly and unevenly, batch-invariant greedy output
-through the engine, Orbax conversion and int8 weights. Every-variant single-device parity
-(plain forward and paged steps) lives in test_model_parity.py."""
+"""The model families beyond Llama (Qwen3, Gemma 3, Mixtral, Qwen3-MoE): their configs, logit
+parity with transformers on meshes that split heads or experts evenly and unevenly,
+batch-invariant greedy output through the engine, Orbax conversion and int8 weights.
+Every-variant single-device parity (plain forward and paged steps) lives in
+test_model_parity.py."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from test_quantize import _dequantized_arrays, _state_with
 
 import hf_models
 import jaxllm
-from jaxllm import orbax_checkpoint
+from jaxllm import orbax_checkpoint, prune
 from jaxllm.config import ModelConfig
 from jaxllm.hf_checkpoint import load_hf_state
 from jaxllm.orbax_checkpoint import convert_hf_to_orbax
@@ -27,11 +28,15 @@ def mesh_of(spec: dict[str, int]):
     return make_mesh(spec, devices=jax.devices()[: int(np.prod(list(spec.values())))])
 
 
-FAMILIES = ["qwen3", "gemma3"]
+FAMILIES = ["qwen3", "gemma3", "mixtral", "qwen3_moe"]
+MOE = {"mixtral", "qwen3_moe"}
 LENGTH = 40  # longer than Gemma's 16-token window in the test model
 # Heads split evenly (4 query / 2 KV heads over 2), query heads padded and KV heads copied
 # (over 3), KV heads copied with the model width split by FSDP (tensor 4 x fsdp 2).
 MESHES = [{"tensor": 2}, {"tensor": 3}, {"fsdp": 2, "tensor": 4}]
+# Experts over the expert axis: 4 or 6 experts over 2 (and each expert's width over tensor
+# 2), over 4 (6 do not divide: replicated), over 8 (fewer experts than devices: replicated).
+EXPERT_MESHES = [{"expert": 2, "tensor": 2}, {"expert": 4}, {"expert": 8}]
 ENGINE = dict(max_seq_len=96, max_num_seqs=4, max_step_tokens=32, chunk=16, page_size=8)
 
 
@@ -59,7 +64,13 @@ def forward(path, mesh, quantized=None):
 def test_configs_read_what_transformers_wrote_and_write_it_back(family):
     name, path, model, _, _ = family
     config = ModelConfig.from_hf_dir(path)
-    assert config.qk_norm
+    assert config.qk_norm == (name != "mixtral")
+    if name == "mixtral":
+        assert (config.num_experts, config.experts_per_token) == (4, 2)
+        assert config.normalize_expert_weights and config.expert_intermediate_size == 96
+    if name == "qwen3_moe":
+        assert (config.num_experts, config.experts_per_token) == (6, 1)
+        assert not config.normalize_expert_weights and config.expert_intermediate_size == 48
     if name == "gemma3":
         assert config.sliding_windows == (16, None, 16)
         assert (config.local_rope_theta, config.rope_theta) == (1e4, 1e6)
@@ -68,28 +79,33 @@ def test_configs_read_what_transformers_wrote_and_write_it_back(family):
         assert config.mlp_activation == "gelu_tanh" and config.query_pre_attn_scalar == 24
         assert config.tie_word_embeddings
     assert config.num_params == sum(p.numel() for p in model.parameters())
+    if name == "qwen3":
+        prune.check_prunable(config)
+    else:  # calibration replays the Llama-family layer: refused, not scored wrong
+        with pytest.raises(ValueError, match="pruning"):
+            prune.check_prunable(config)
     # What jaxllm writes (Orbax, HF export) reads back to the same config, in both readers.
     written = config.to_hf_dict()
     assert ModelConfig.from_hf_dict(written) == config
     hf_config = type(model.config)(**{k: v for k, v in written.items() if k != "architectures"})
-    assert hf_config.layer_types == model.config.layer_types
+    for field in ("layer_types", "sliding_window", "num_experts", "norm_topk_prob"):
+        assert getattr(hf_config, field, None) == getattr(model.config, field, None), field
     if name == "gemma3":
         assert hf_config.rope_parameters == model.config.rope_parameters
 
 
-@pytest.mark.parametrize(
-    "mesh_spec", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items())
-)
-def test_sharded_logits_match_transformers(family, mesh_spec):
-    _, path, _, ids, expected = family
-    runner, run = forward(path, mesh_of(mesh_spec))
-    np.testing.assert_allclose(run(ids), expected, atol=1e-4, rtol=0)
-    if mesh_spec == {"tensor": 3}:  # 4 query heads do not divide: padded to 6
-        assert runner.spec.config.head_layout is not None
+def test_sharded_logits_match_transformers(family):
+    name, path, _, ids, expected = family
+    meshes = [{"tensor": 3}, *EXPERT_MESHES] if name in MOE else MESHES
+    for mesh_spec in meshes:
+        runner, run = forward(path, mesh_of(mesh_spec))
+        np.testing.assert_allclose(run(ids), expected, atol=1e-4, rtol=0, err_msg=str(mesh_spec))
+        if mesh_spec == {"tensor": 3}:  # 4 query heads do not divide: padded to 6
+            assert runner.spec.config.head_layout is not None
 
 
 def test_engine_greedy_output_matches_transformers_and_the_batch(family):
-    _, path, model, ids, _ = family
+    name, path, model, ids, _ = family
     llm = jaxllm.LLM.load(path, **ENGINE)
     try:
         prompts = [list(map(int, ids[0, :n])) for n in (5, 17, 33, 40)]
@@ -105,6 +121,17 @@ def test_engine_greedy_output_matches_transformers_and_the_batch(family):
                 eos_token_id=None,
             )[0, len(prompts[2]) :].tolist()
         assert alone[2].token_ids == ref
+        stats = llm.engine.stats()
+        if name in MOE:  # every computed token went to k experts in each layer
+            cfg = llm.config
+            computed = stats["prompt_tokens"] - stats["prefix_hit_tokens"]
+            computed += sum(len(c.token_ids) - 1 for c in alone + together)
+            assert stats["preemptions"] == 0
+            assert len(stats["expert_tokens"]) == cfg.num_experts
+            assert sum(stats["expert_tokens"]) == computed * cfg.experts_per_token * cfg.num_layers
+            assert stats["expert_load_imbalance"] >= 1.0
+        else:
+            assert "expert_tokens" not in stats
     finally:
         llm.close()
 

@@ -62,6 +62,7 @@ SCANNED = (
     "mistral_sliding",
     "qwen2_window_layers",
     "gemma3",
+    "mixtral",
 )
 
 

@@ -52,7 +52,8 @@ def test_every_config_parses(path):
 
 def test_configs_exist():
     names = {p.name for p in (REPO / "configs").glob("*.yaml")}
-    assert {"demo.yaml", "llama3_8b_tp8.yaml"} <= names
+    assert {"demo.yaml", "llama3_8b_tp8.yaml", "qwen3_8b_tp8.yaml", "gemma3_12b_tp8.yaml"} <= names
+    assert {"mixtral_8x7b_ep4_tp2.yaml", "qwen3_30b_a3b_ep8.yaml"} <= names
 
 
 def test_unknown_config_keys_are_errors(tmp_path):

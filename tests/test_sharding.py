@@ -17,11 +17,12 @@ BATCH, LENGTH = 8, 16
 
 
 def test_mesh_specs_parse_from_dicts_and_strings():
-    assert parse_mesh_spec("data=2,tensor=4") == {"data": 2, "fsdp": 1, "tensor": 4}
-    assert parse_mesh_spec({"fsdp": 8}) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert parse_mesh_spec("data=2,tensor=4") == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 4}
+    assert parse_mesh_spec({"fsdp": 8}) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
     mesh = make_mesh("data=2, fsdp=2, tensor=2")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert dict(make_mesh(None).shape) == {"data": 1, "fsdp": 1, "tensor": 8}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert dict(make_mesh(None).shape) == {"data": 1, "fsdp": 1, "expert": 1, "tensor": 8}
+    assert dict(make_mesh({"expert": 2, "tensor": 4}).shape)["expert"] == 2
 
 
 @pytest.mark.parametrize(

@@ -159,7 +159,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("slots_in_use", "queue_depth", "in_flight", "kv_cache_usage", "draining", "kv_pages_used", "kv_pages_cached", "kv_pages_free", "prefix_cache_hit_rate", "preemptions", "startup")
+    __slots__ = ("slots_in_use", "queue_depth", "in_flight", "kv_cache_usage", "draining", "kv_pages_used", "kv_pages_cached", "kv_pages_free", "prefix_cache_hit_rate", "preemptions", "startup", "expert_tokens", "expert_load_imbalance")
     SLOTS_IN_USE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,8 @@ class ServerStats(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     STARTUP_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     slots_in_use: int
     queue_depth: int
     in_flight: int
@@ -182,7 +184,9 @@ class ServerStats(_message.Message):
     prefix_cache_hit_rate: float
     preemptions: int
     startup: StartupStats
-    def __init__(self, slots_in_use: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ..., startup: _Optional[_Union[StartupStats, _Mapping]] = ...) -> None: ...
+    expert_tokens: _containers.RepeatedScalarFieldContainer[int]
+    expert_load_imbalance: float
+    def __init__(self, slots_in_use: _Optional[int] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ..., startup: _Optional[_Union[StartupStats, _Mapping]] = ..., expert_tokens: _Optional[_Iterable[int]] = ..., expert_load_imbalance: _Optional[float] = ...) -> None: ...
 
 class StartupStats(_message.Message):
     __slots__ = ("read_seconds", "place_seconds", "compile_seconds", "total_seconds", "programs_compiled", "programs_cached", "compilation_cache_dir", "weight_bytes")
