@@ -370,11 +370,10 @@ def _from_hf(raw: dict[str, Any]) -> ModelConfig:
     for field, ok in _MUST_EQUAL.items():
         if raw.get(field, ok[0]) not in ok:
             raise ConfigError(f"{field}={raw[field]!r} is not supported (only {ok[0]!r})")
-    activation = raw.get("hidden_activation") or raw.get("hidden_act", "silu")
+    field = "hidden_activation" if raw.get("hidden_activation") else "hidden_act"
+    activation = raw.get(field, "silu")
     if activation not in ACTIVATIONS:
-        raise ConfigError(
-            f"activation {activation!r} is not supported (only {sorted(ACTIVATIONS)})"
-        )
+        raise ConfigError(f"{field}={activation!r} is not supported (only {sorted(ACTIVATIONS)})")
 
     def need(field: str):
         if raw.get(field) is None:

@@ -139,18 +139,25 @@ def test_math_changing_fields_written_by_transformers_are_rejected_by_name(
         ModelConfig.from_hf_dir(tmp_path)
 
 
-def test_legacy_rope_scaling_entry_is_read_and_rejected(llama, tmp_path):
-    """transformers 4 wrote ``rope_scaling`` with ``type`` and no ``rope_parameters``."""
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_legacy_rope_scaling_entry_is_read_or_rejected(llama, tmp_path, kind):
+    """transformers 4 wrote ``rope_scaling`` with ``type`` and no ``rope_parameters``:
+    read where the runtime implements the scaling (linear), refused by name otherwise."""
     folder = copy_folder(llama[0], tmp_path / "m")
 
-    def legacy_linear(raw):
+    def legacy(raw):
         raw.pop("rope_parameters")
         raw["rope_theta"] = 500000.0
-        raw["rope_scaling"] = {"type": "linear", "factor": 2.0}
+        raw["rope_scaling"] = {"type": kind, "factor": 2.0}
 
-    edit_config(folder, legacy_linear)
-    with pytest.raises(ConfigError, match="rope_scaling type 'linear' is not supported"):
-        ModelConfig.from_hf_dir(folder)
+    edit_config(folder, legacy)
+    if kind == "dynamic":
+        with pytest.raises(ConfigError, match="rope_scaling type 'dynamic' is not supported"):
+            ModelConfig.from_hf_dir(folder)
+        return
+    config = ModelConfig.from_hf_dir(folder)
+    assert config.rope_theta == 500000.0
+    assert (config.rope_scaling.rope_type, config.rope_scaling.factor) == ("linear", 2.0)
 
 
 # -- safetensors contents -------------------------------------------------------------------

@@ -133,7 +133,9 @@ def paged_logits(runner: ModelRunner, ids: np.ndarray) -> dict[tuple[str, int], 
             elif not chunks[name] and len(plan.decodes) < SHAPE[0]:
                 plan.decodes.append(seq)
         inp = step.build(plan, ENGINE, NUM_PAGES, SHAPE)
-        logits, pool = fn._model(runner.params, pool, inp._replace(sampling=None, sample_step=None))
+        logits, pool, _ = fn._model(
+            runner.params, pool, inp._replace(sampling=None, sample_step=None)
+        )
         logits = np.asarray(logits)
         rows = [(i, s, s.computed, 1) for i, s in enumerate(plan.decodes)]
         rows += [(SHAPE[0] + i, c.seq, c.start, c.length) for i, c in enumerate(plan.prefills)]
