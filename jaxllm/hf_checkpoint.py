@@ -1,19 +1,18 @@
 """Hugging Face safetensors checkpoints: read tensor by tensor into sharded arrays, and write.
 
-Reading never materialises the model on the host. Each tensor is memory-mapped on its own,
-each device's shard is sliced out of the mapping (so only the pages it covers are read),
-converted, reshaped into jaxllm's layout (the same [out, in] order, heads split out; heads
-copied or zero-padded where the mesh needs it, see ``jaxllm.head_layout``) and placed on its
-device; the mapping is closed before the next tensor. The safetensors format
-is simple enough (an 8-byte header length, a JSON header, raw little-endian data) that
-reading it directly keeps bfloat16 and slicing under our control.
+Reading never materialises the model on the host. Files are opened with the format's own
+reader (``safetensors.safe_open``, numpy, bfloat16 through ml_dtypes), which validates the
+header and maps the data; each device's shard is read as a slice of its tensor (only the rows
+it covers), converted, reshaped into jaxllm's layout (the same [out, in] order, heads split
+out; heads copied or zero-padded where the mesh needs it, see ``jaxllm.head_layout``) and
+placed on its device, one tensor at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import struct
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
 
 from jaxllm import head_layout
 from jaxllm.config import ModelConfig
@@ -45,51 +45,39 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-    """Lazy view of one .safetensors file: header parsed up front, data mapped per tensor."""
+    """One .safetensors file through ``safe_open``: names, dtypes and shapes up front (the
+    reader checks the header against the file's size), data read slice by slice."""
 
     def __init__(self, path: Path):
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > size - 8:
+        try:
+            file = safe_open(str(path), framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file: it is truncated or damaged ({e})"
+            ) from e
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        for name in file.keys():  # a safe_open handle is not iterable
+            tensor = file.get_slice(name)
+            if tensor.get_dtype() not in _DTYPES:
                 raise CheckpointError(
-                    f"{path}: header of {header_len} bytes does not fit in the file's {size} "
-                    "bytes: the file is truncated or not a safetensors file"
+                    f"{path}: tensor {name!r} has unsupported dtype {tensor.get_dtype()}"
                 )
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
-        header.pop("__metadata__", None)
-        self.data_start = 8 + header_len
-        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            if info["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype")
-            begin, end = info["data_offsets"]
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(info["shape"])
-            if end - begin != int(np.prod(shape)) * dtype.itemsize:
-                raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets")
-            if self.data_start + end > size:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} lies past the end of the file "
-                    f"({self.data_start + end} > {size} bytes): the file is truncated"
-                )
-            self.entries[name] = (dtype, shape, begin, end)
+            self.entries[name] = (np.dtype(_DTYPES[tensor.get_dtype()]), tuple(tensor.get_shape()))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
-    def mmap(self, name: str) -> np.memmap:
-        dtype, shape, begin, _ = self.entries[name]
-        if not shape or 0 in shape:
-            return np.zeros(shape, dtype)  # np.memmap cannot map zero bytes
-        return np.memmap(self.path, dtype, "r", offset=self.data_start + begin, shape=shape)
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self.entries[name]
+        return math.prod(shape) * dtype.itemsize
+
+    def tensor(self, name: str):
+        """Tensor ``name``, read only where it is sliced (``tensor[a:b, c:d]`` -> ndarray).
+        Each call maps the file afresh and the mapping goes when the slice is dropped: pages
+        read through a mapping that stays open would count in the process's memory until
+        the load ends (measured: twice the model's bytes for a 512 MiB model)."""
+        return safe_open(str(self.path), framework="numpy").get_slice(name)
 
 
 class HFCheckpoint:
@@ -269,22 +257,52 @@ def _check_names(ckpt: HFCheckpoint, layout: dict[str, Stored], cfg: ModelConfig
             )
 
 
+def view_reader(source, stored: Stored) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """``read(view_index)``: a block of ``source`` (a host array, or a safetensors slice that
+    reads only what it is sliced to) seen as ``stored.view``. The view splits stored
+    dimensions (``[N * H, D]`` as ``[N, H, D]``); a block's range on the first view dimension
+    of each split is read whole over the rest of that split, then cut."""
+    if isinstance(source, np.ndarray):
+        view = source.reshape(stored.view)
+        return lambda index: view[index]
+    groups, at = [], 0  # per stored dimension: the view dimensions it splits into
+    for size in stored.shape:
+        first = at
+        while math.prod(stored.view[first : at + 1]) < size:
+            at += 1
+        groups.append(range(first, at + 1))
+        at += 1
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        outer, shape, inner = [], [], []
+        for group in groups:
+            start, stop, _ = index[group[0]].indices(stored.view[group[0]])
+            rest = stored.view[group[0] + 1 : group[-1] + 1]
+            outer.append(slice(start * math.prod(rest), stop * math.prod(rest)))
+            shape += [stop - start, *rest]
+            inner += [slice(None), *(index[d] for d in group[1:])]
+        return np.asarray(source[tuple(outer)]).reshape(shape)[tuple(inner)]
+
+    return read
+
+
 def read_into_shards(
-    mapped: np.ndarray,
+    mapped,
     stored: Stored,
     target: jax.ShapeDtypeStruct,
     heads: head_layout.Maps | None = None,
 ):
-    """Builds one sharded array; each device's block is sliced from the mapped tensor, so
-    only the bytes that device needs are read and converted. ``heads``: the runtime head
-    layout's maps of the target's dimensions (``ModelSpec.head_maps``), None if unchanged."""
-    view = mapped.reshape(stored.view)
+    """Builds one sharded array; each device's block is read from ``mapped`` (a host array
+    or ``SafetensorsFile.tensor``), so only the bytes that device needs are read and
+    converted. ``heads``: the runtime head layout's maps of the target's dimensions
+    (``ModelSpec.head_maps``), None if unchanged."""
+    view = view_reader(mapped, stored)
 
     def stored_block(index: tuple[slice, ...]) -> np.ndarray:
         view_index = [slice(None)] * len(stored.view)
         for ours, theirs in enumerate(stored.perm):
             view_index[theirs] = index[ours]
-        return view[tuple(view_index)].transpose(stored.perm)
+        return view(tuple(view_index)).transpose(stored.perm)
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
         return np.ascontiguousarray(
@@ -295,18 +313,18 @@ def read_into_shards(
 
 
 def read_experts_into_shards(
-    mapped: list[np.ndarray], stored: Stored, target: jax.ShapeDtypeStruct
+    mapped: list, stored: Stored, target: jax.ShapeDtypeStruct
 ) -> jax.Array:
     """``read_into_shards`` for a parameter stacked over experts: each device's block stacks
     the experts it holds, each sliced from that expert's mapped tensor."""
-    views = [m.reshape(stored.view) for m in mapped]
+    views = [view_reader(m, stored) for m in mapped]
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
         view_index = [slice(None)] * len(stored.view)
         for ours, theirs in enumerate(stored.perm):
             view_index[theirs] = index[1 + ours]
         experts = range(stored.experts)[index[0]]
-        parts = [views[e][tuple(view_index)].transpose(stored.perm) for e in experts]
+        parts = [views[e](tuple(view_index)).transpose(stored.perm) for e in experts]
         return np.ascontiguousarray(np.stack(parts), target.dtype)
 
     return jax.make_array_from_callback(target.shape, target.sharding, block)
@@ -326,10 +344,10 @@ def load_hf_state(
     def read(name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
         stored = layout[name]
         if stored.experts:  # one tensor per expert, stacked on the leading axis
-            mapped = [ckpt.location[t.name].mmap(t.name) for t in stored.tensors()]
+            mapped = [ckpt.location[t.name].tensor(t.name) for t in stored.tensors()]
             array = read_experts_into_shards(mapped, stored, target)
         else:
-            mapped = ckpt.location[stored.name].mmap(stored.name)
+            mapped = ckpt.location[stored.name].tensor(stored.name)
             array = read_into_shards(mapped, stored, target, spec.head_maps(name))
         # Wait for the transfers: device_put is asynchronous and would otherwise keep the
         # host blocks of several tensors alive when the device falls behind (seen under load).

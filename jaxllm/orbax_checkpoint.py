@@ -48,6 +48,7 @@ from jaxllm.hf_checkpoint import (
     Stored,
     _check_names,
     hf_layout,
+    view_reader,
 )
 from jaxllm.params import ModelSpec, NamedParam, named_params
 from sharding import DEFAULT_RULES, make_mesh
@@ -142,8 +143,8 @@ def convert_hf_to_orbax(
     if dtype is None:
         by_dtype = Counter()
         for stored in (t for s in layout.values() for t in s.tensors()):
-            stored_dtype, _, begin, end = ckpt.location[stored.name].entries[stored.name]
-            by_dtype[stored_dtype] += end - begin
+            file = ckpt.location[stored.name]
+            by_dtype[file.entries[stored.name][0]] += file.nbytes(stored.name)
         dtype = by_dtype.most_common(1)[0][0]
     dtype = jnp.dtype(dtype)
     mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
@@ -372,17 +373,19 @@ def _fsync(path: Path, recursive: bool = False) -> None:
 
 
 def _to_jaxllm_layout(file: SafetensorsFile, stored: Stored, dtype) -> np.ndarray:
-    """One stored tensor in jaxllm's layout and ``dtype``, copied a block of stored rows at a
-    time from a mapping of just that block, so that the source adds little to host memory."""
-    source_dtype, _, begin, _ = file.entries[stored.name]
+    """One stored tensor in jaxllm's layout and ``dtype``, copied a block of rows at a time
+    from a slice of just that block, so that the source adds little to host memory."""
+    source_dtype = file.entries[stored.name][0]
     view, perm = stored.view, stored.perm
     out = _anonymous_array(tuple(view[p] for p in perm), dtype)
     row_bytes = int(np.prod(view[1:])) * source_dtype.itemsize
     step = max(1, _BLOCK_BYTES // max(1, row_bytes))
     for start in range(0, view[0], step):
         rows = min(step, view[0] - start)
-        offset = file.data_start + begin + start * row_bytes
-        block = np.memmap(file.path, source_dtype, "r", offset=offset, shape=(rows, *view[1:]))
+        # A mapping per block: the pages read through it leave the process with it.
+        read = view_reader(file.tensor(stored.name), stored)
+        block = read((slice(start, start + rows),) + (slice(None),) * (len(view) - 1))
+        del read
         index = [slice(None)] * len(view)
         index[perm.index(0)] = slice(start, start + rows)  # where stored rows land
         np.copyto(out[tuple(index)], block.transpose(perm), casting="unsafe")

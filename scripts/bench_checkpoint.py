@@ -138,7 +138,7 @@ def child_convert(hf_dir: str, out_dir: str, tiny: str) -> dict:
 
     # One-time set-up (Orbax's thread pools, JAX tracing) goes into the baseline.
     load_orbax_state(tiny, ModelSpec(read_config(tiny), jnp.float32, make_mesh(), DEFAULT_RULES))
-    sizes = [e[3] - e[2] for f in HFCheckpoint(hf_dir).files.values() for e in f.entries.values()]
+    sizes = [f.nbytes(n) for f in HFCheckpoint(hf_dir).files.values() for n in f.entries]
     baseline = psutil.Process().memory_info().rss
     reset_peak()
     start = time.perf_counter()

@@ -381,7 +381,7 @@ path = sys.argv[1]
 assert len(jax.devices()) == 1
 spec = ModelSpec(ModelConfig.from_hf_dir(path), jnp.float32, make_mesh(), DEFAULT_RULES)
 files = HFCheckpoint(path).files.values()
-sizes = [f.entries[name][3] - f.entries[name][2] for f in files for name in f.entries]
+sizes = [f.nbytes(name) for f in files for name in f.entries]
 spec.abstract()  # imports and traces everything loading needs before the baseline
 # The kernel's high-water mark, reset here (ru_maxrss would include the RSS that the pytest
 # parent had when it forked this process).

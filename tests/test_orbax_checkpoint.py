@@ -353,7 +353,7 @@ from jaxllm.orbax_checkpoint import convert_hf_to_orbax
 
 small, small_out, big, big_out = sys.argv[1:]
 convert_hf_to_orbax(small, small_out)
-sizes = [e[3] - e[2] for f in HFCheckpoint(big).files.values() for e in f.entries.values()]
+sizes = [f.nbytes(n) for f in HFCheckpoint(big).files.values() for n in f.entries]
 baseline = psutil.Process().memory_info().rss
 reset_peak()
 convert_hf_to_orbax(big, big_out)
