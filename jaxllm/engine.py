@@ -96,6 +96,7 @@ class Engine:
             max_step_tokens=config.max_step_tokens,
             chunk=config.chunk,
             max_prefill_rows=config.max_prefill_rows,
+            window=runner.config.shared_window,
         )
         self._step = step.StepFunction(runner, config, self.pool)
         self._scorer = PromptScorer(runner, config.max_seq_len, config.kv_cache_dtype)

@@ -69,6 +69,28 @@ class Architecture:
     windowed_architecture: str | None = None
 
 
+def _gemma3_config(key: Callable[..., Any]) -> dict[str, Any]:
+    """Gemma 3's config entries that llama.cpp does not all write: the window is in the
+    metadata, but llama.cpp hard-codes which layers use it (every sixth layer global, unless
+    the file has a sliding_window_pattern), the local layers' rope base (10k) and the query
+    scale (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer 27B model); so does
+    this loader."""
+    layers, head_dim = int(key("block_count")), int(key("attention.key_length"))
+    pattern = key("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # one flag per layer: True where the layer is local
+        local = [bool(x) for x in pattern]
+    else:
+        local = [bool((i + 1) % int(pattern)) for i in range(layers)]
+    heads = _one_value(key("attention.head_count"), "attention.head_count")
+    scalar = int(key("embedding_length")) // int(heads) if layers == 62 else head_dim
+    return {
+        "sliding_window": int(key("attention.sliding_window")),
+        "layer_types": ["sliding_attention" if x else "full_attention" for x in local],
+        "query_pre_attn_scalar": scalar,
+        "rope_local_base_freq": 10_000.0,
+    }
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     # Also what llama.cpp writes for Mistral and Llama 2/3 models.
     "llama": Architecture(
@@ -76,8 +98,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "qwen2": Architecture("Qwen2ForCausalLM"),
     "qwen3": Architecture("Qwen3ForCausalLM"),
-    # "gemma3": Architecture("Gemma3ForCausalLM", norm_offset=1.0, extra_config=...) once the
-    # window pattern, query_pre_attn_scalar and local rope base are read from the metadata.
+    "gemma3": Architecture("Gemma3ForCausalLM", norm_offset=1.0, extra_config=_gemma3_config),
 }
 
 
@@ -182,7 +203,8 @@ class GGUFFile:
             freqs = self.tensors["rope_freqs.weight"]
             factors = gguf.quants.dequantize(freqs.data, freqs.tensor_type)
             raw["rope_scaling"] = _llama3_rope(factors, raw["rope_theta"], head_dim, self.path)
-        window = key("attention.sliding_window", None)
+        extra = family.extra_config(key) if family.extra_config is not None else {}
+        window = None if "sliding_window" in extra else key("attention.sliding_window", None)
         if window:
             if family.windowed_architecture is None:
                 raise ConfigError(
@@ -191,9 +213,7 @@ class GGUFFile:
                 )
             raw["architectures"] = [family.windowed_architecture]
             raw["sliding_window"] = int(window)
-        if family.extra_config is not None:
-            raw |= family.extra_config(key)
-        return raw
+        return raw | extra
 
     def tokenizer(self) -> Tokenizer:
         from jaxllm.gguf_tokenizer import gguf_tokenizer

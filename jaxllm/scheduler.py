@@ -14,6 +14,14 @@ When a running sequence needs a page and none is free, the most recently admitte
 sequence is preempted: its pages are released (its full pages stay cached) and it waits at
 the front of the queue; when it is admitted again its prompt and the output so far are
 prefilled anew, mostly from the cache. No request fails because the pool is full.
+
+A model whose every layer attends within the same sliding window (``window``: Mistral,
+Mixtral, Qwen2/3 with windows on all layers) never reads a key older than the window of a
+sequence's next query, so after each step the pages wholly older than that are given back
+(they stay cached for prefix hits) and their places in the sequence's page list become
+``FREED``: a long sequence holds about ``window / page_size`` pages, not its length's worth.
+Models that mix windowed and global layers (Gemma 3) keep every page: the global layers read
+them all.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from jaxllm.kv_pages import KVPages, page_key
+
+FREED = -1  # a page list entry given back: wholly older than every layer's window
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,8 +93,12 @@ class Scheduler:
         max_step_tokens: int,
         chunk: int,
         max_prefill_rows: int,
+        window: int | None = None,
     ):
+        """``window``: the sliding window every layer of the model shares (None: none, or
+        not every layer has one); pages older than it are given back (module docstring)."""
         self.pages = pages
+        self.window = window
         self.page_size = pages.page_size
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
         self.chunk, self.max_prefill_rows = chunk, max_prefill_rows
@@ -148,10 +162,9 @@ class Scheduler:
             chunk.seq.computed += chunk.length
             if chunk.samples:
                 new.append((chunk.seq, int(token)))
-        for seq in plan.decodes:
+        for seq in [*plan.decodes, *(chunk.seq for chunk in plan.prefills)]:
             self._register_full_pages(seq)
-        for chunk in plan.prefills:
-            self._register_full_pages(chunk.seq)
+            self._free_out_of_window(seq)
         for seq, token in new:
             seq.tokens.append(token)
             if seq.num_generated >= seq.max_tokens or token in seq.stop_ids:
@@ -227,8 +240,20 @@ class Scheduler:
         self.preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
-        self.pages.release(seq.pages)
+        self.pages.release([page for page in seq.pages if page != FREED])
         seq.pages, seq.keys, seq.computed = [], [], 0
+
+    def _free_out_of_window(self, seq: Sequence) -> None:
+        """Gives back the pages wholly older than the window of ``seq``'s next query (at
+        position ``computed``, seeing keys from ``computed - window + 1`` on). They were
+        full, so already registered for prefix hits: they stay cached until evicted."""
+        if self.window is None:
+            return
+        dead = min(max(0, seq.computed - self.window + 1) // self.page_size, len(seq.pages))
+        for i in range(dead):
+            if seq.pages[i] != FREED:
+                self.pages.release([seq.pages[i]])
+                seq.pages[i] = FREED
 
     def _register_full_pages(self, seq: Sequence) -> None:
         size = self.page_size

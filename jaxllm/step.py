@@ -88,7 +88,8 @@ def build(
         """Row ``row`` computes ``seq.tokens[start : start + length]`` as flat tokens from
         ``first``; its padding tokens repeat the last position (they see real keys)."""
         span = np.arange(start, start + length)
-        table = np.asarray(seq.pages, np.int32)
+        # Pages given back out of a sliding window (scheduler.FREED) are never read: any id.
+        table = np.maximum(np.asarray(seq.pages, np.int32), 0)
         tokens[first : first + length] = seq.tokens[start : start + length]
         positions[first : first + length] = span
         slots[first : first + length] = table[span // size] * size + span % size

@@ -13,7 +13,7 @@ from test_quantize import _dequantized_arrays, _state_with
 
 import hf_models
 import jaxllm
-from jaxllm import orbax_checkpoint, prune
+from jaxllm import kv_cache, orbax_checkpoint, prune
 from jaxllm.config import ModelConfig
 from jaxllm.hf_checkpoint import load_hf_state
 from jaxllm.orbax_checkpoint import convert_hf_to_orbax
@@ -179,3 +179,39 @@ def test_moe_greedy_output_is_the_same_with_and_without_the_expert_axis(tmp_path
         finally:
             llm.close()
     assert outputs[0] == outputs[1]
+
+
+def test_a_sliding_window_model_holds_only_its_window_of_pages(tmp_path):
+    """Mistral (every layer within 16 positions): four 100-token sequences at once in a pool
+    of 160 tokens. Holding every page they would need 100 pages of 4 and preempt each other;
+    giving back the pages that fell out of the window, each holds about 6 and none waits. The
+    tokens are those of each request alone, and transformers' for one of them."""
+    model = hf_models.write("mistral_sliding", tmp_path)
+    byte_level_tokenizer().save(tmp_path)
+    cfg = ModelConfig.from_hf_dir(tmp_path)
+    assert cfg.shared_window == 16
+    per_token = kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, "float32")
+    options = dict(ENGINE, max_seq_len=128, page_size=4, kv_cache_bytes=160 * per_token)
+    llm = jaxllm.LLM.load(tmp_path, **options)
+    try:
+        assert llm.engine.num_pages == 40
+        prompts = [list(range(30 + i, 70 + i)) for i in range(4)]
+        together = llm.generate(prompts, max_tokens=60, temperature=0, ignore_eos=True)
+        stats = llm.engine.stats()
+        assert stats["preemptions"] == 0
+        alone = [llm.generate(p, max_tokens=60, temperature=0, ignore_eos=True) for p in prompts]
+        assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+        with torch.no_grad():
+            ref = model.generate(
+                torch.tensor([prompts[0]]),
+                max_new_tokens=60,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )[0, 40:].tolist()
+        assert alone[0].token_ids == ref
+        llm.engine.wait_idle()
+        llm.engine.pages.check()
+        assert llm.engine.stats()["pages_used"] == 0
+    finally:
+        llm.close()

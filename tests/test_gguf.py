@@ -129,8 +129,11 @@ def write_gguf(path, model, arch, vocab, qtype=Q.F32, add_bos=None):
     w.add_key_length(H)
     w.add_value_length(H)
     w.add_rope_dimension_count(H)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters
+    w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])  # Gemma: by layer type
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
     ids = vocab["ids"]
     if "merges" in vocab:
         w.add_tokenizer_model("gpt2")
@@ -153,7 +156,7 @@ def write_gguf(path, model, arch, vocab, qtype=Q.F32, add_bos=None):
     names = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), cfg.num_hidden_layers
     )
-    if cfg.rope_parameters.get("rope_type") == "llama3":
+    if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -163,6 +166,8 @@ def write_gguf(path, model, arch, vocab, qtype=Q.F32, add_bos=None):
         if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = N if ".q_proj." in hf_name else K
             data = data.reshape(heads, 2, -1, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        if arch == "gemma3" and hf_name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp multiplies by the weight; Gemma by 1 + weight
         if data.ndim == 2 and qtype != Q.F32:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
@@ -197,6 +202,23 @@ LLAMA31_ROPE = dict(
     rope_theta=10000.0,
     original_max_position_embeddings=64,
     high_freq_factor=32.0,
+)
+# Gemma 3 as llama.cpp defines it (a window on five layers of six, local rope base 10k, query
+# scale 1/sqrt(head_dim)) and transformers' GGUF loader defaults it (query_pre_attn_scalar 256):
+# head_dim 256 makes the two agree; 6 layers, one of them global; a window shorter than the input.
+FILES["gemma3_q8"] = (
+    "gemma3",
+    "gemma3",
+    "bpe",
+    Q.Q8_0,
+    dict(
+        num_hidden_layers=6,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        layer_types=None,
+        rope_parameters=None,
+        sliding_window=16,
+    ),
 )
 FILES["llama31_rope"] = (
     "llama31_rope_scaling",
@@ -252,6 +274,14 @@ def test_tokenizer_and_template_match_transformers(files, name):
     rendered = ours.apply_chat_template(MESSAGES, add_generation_prompt=True)
     expected = ref.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert rendered == expected
+
+
+def test_gemma3_config_from_metadata(files):
+    cfg = GGUFFile(files("gemma3_q8")).config()
+    assert cfg.architecture == "Gemma3ForCausalLM" and cfg.norm_plus_one and cfg.tie_word_embeddings
+    assert cfg.sliding_windows == (16, 16, 16, 16, 16, None)
+    assert (cfg.local_rope_theta, cfg.query_pre_attn_scalar) == (10_000.0, 256)
+    assert cfg.mlp_activation == "gelu_tanh" and cfg.qk_norm and cfg.sandwich_norms
 
 
 def test_config_from_metadata(files, vocabs):

@@ -193,3 +193,26 @@ def test_random_workloads_keep_the_books_straight(seed):
     assert all(s.finished or s.id in stopped for s in seqs)
     assert sched.pages.used == 0
     sched.pages.check()
+
+
+def test_a_sliding_window_gives_back_the_pages_older_than_it():
+    """Window 8, pages of 4: after each step a sequence holds only the pages its next query
+    can see; the rest are FREED in its list, cached (registered) in the pool."""
+    from jaxllm.scheduler import FREED
+
+    sched = make(num_pages=8, page_size=4, max_num_seqs=1)
+    sched.window = 8
+    s = seq(range(20), max_tokens=30)  # 50 tokens: 13 pages, in a pool of 8
+    sched.add(s)
+    while not s.finished:
+        step(sched)
+        if s.finished:
+            break
+        oldest = max(0, s.computed - 8 + 1)  # the next query's oldest visible key
+        held = [i for i, page in enumerate(s.pages) if page != FREED]
+        assert held and held[0] == oldest // 4, (s.computed, s.pages)
+        assert sched.pages.used == len(held) <= 4
+        sched.pages.check()
+    assert sched.preemptions == 0 and len(s.tokens) == 50
+    assert sched.idle and sched.pages.used == 0
+    sched.pages.check()
