@@ -25,13 +25,15 @@ Dispatch methods (``METHODS``); ``scripts/bench_moe_dispatch.py`` measures them:
   no expert can overflow because a token's k experts are distinct: exact, nothing dropped) and
   multiplied as one batched matmul; ``E / k`` times the arithmetic of the pairs themselves.
 
-Default (``default_method()``): ``"blocks"`` on CPU, the fastest on XLA:CPU at every
-measured size, and ``"ragged"`` on TPU/GPU (a native grouped matmul, not measured here).
-Measured (one CPU device, float32, 2 loaded cores): Mixtral-like E=8 k=2 D=1024 F=2816, T=1
-/ 8 / 64 / 512: blocks 3.7 / 30 / 153 / 972 ms, capacity 17 / 100 / 235 / 1002 ms, ragged
-568 / 451 / 615 / 2866 ms; Qwen3-MoE-like E=64 k=8 F=512: blocks 3.2 / 17 / 108 / 665 ms,
-capacity 24 / 107 / 295 / 2044 ms, ragged 616 / 1029 / 1652 ms / not run (825 GFLOP). On
-TPU/GPU ``"ragged"`` is the natural choice; ``method=`` picks one explicitly.
+Default (``default_method()``): ``"blocks"`` on CPU and ``"ragged"`` on TPU/GPU (a native
+grouped matmul, not measured here). Measured on a quiet machine (one CPU device, float32,
+``scripts/bench_moe_dispatch.py``), Mixtral-like E=8 k=2 D=1024 F=2816 at T = 1 / 8 / 64 /
+512 tokens: blocks 2.6 / 15.3 / 88 / 188 ms, capacity 8.8 / 34 / 78 / 424 ms, ragged 155 /
+171 / 269 / 965 ms; Qwen3-MoE-like E=64 k=8 F=512: blocks 2.1 / 12.5 / 49 / 207 ms, capacity
+12 / 64 / 130 / 743 ms, ragged 300 / 348 / 873 ms / not run (825 GFLOP). Blocks is fastest
+everywhere but Mixtral-like T=64 (capacity 78 ms; blocks of 32 rows instead of the 16 the
+default picks: 72 ms); at T=1 it reads the two experts' weights at 91% of the bandwidth
+measured in the same run.
 
 int8 weights (``jaxllm.quantize``: ``q`` int8 plus a float32 scale per output channel, so
 ``[E, F]`` for ``w_gate``/``w_up`` and ``[E, D]`` for ``w_down``): ``"blocks"`` converts one
