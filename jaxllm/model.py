@@ -224,7 +224,7 @@ class MoE(nnx.Module):
     experts, whose SwiGLU outputs are summed with the routing weights (``jaxllm.moe``: the
     dispatch, and expert/tensor parallelism over the mesh). The router stays in float."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs, sliced=False):
+    def __init__(self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate_size
         self.router = _param(rngs, (E, D), (None, "embed"), dtype)
         for name, shape in (("w_gate", (E, F, D)), ("w_up", (E, F, D)), ("w_down", (E, D, F))):
@@ -254,7 +254,8 @@ class MoE(nnx.Module):
             mesh=self.layout.mesh,
             rules=self.layout.rules,
         )
-        real = jnp.ones((B * T,), jnp.float32) if token_mask is None else token_mask.reshape(-1)
+        real = jnp.ones((B * T,)) if token_mask is None else token_mask.reshape(-1)
+        real = real.astype(jnp.float32)
         load = jnp.zeros(self.router.shape[0], jnp.float32).at[experts].add(real[:, None])
         return y.reshape(B, T, D), load
 
@@ -279,7 +280,7 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels, sliced)
         self.mlp_norm = _norm(cfg, D, dtype, rngs)
         if cfg.num_experts:
-            self.moe = MoE(cfg, layout, dtype, quantized, rngs, sliced)
+            self.moe = MoE(cfg, layout, dtype, quantized, rngs)
         else:
             self.mlp = MLP(cfg, layout, dtype, quantized, rngs, sliced)
         self.num_experts = cfg.num_experts
