@@ -3,13 +3,14 @@
 #
 #   scripts/device_check.sh [--dry-run] [OUT_DIR]
 #
-# 1. what jax.devices() says; 2. the parity and engine tests on the real device
-# (tests/conftest.py honours JAXLLM_TEST_REAL_DEVICES=1: no fake CPU devices); 3.
+# 1. what jax.devices() says; 2. the parity tests (every family: Llama, Mistral, Qwen2/3,
+# Gemma 3, Mixtral, Qwen3-MoE), the engine tests and the MoE dispatch tests on the real
+# device (tests/conftest.py honours JAXLLM_TEST_REAL_DEVICES=1: no fake CPU devices); 3.
 # bench_engine --engine-only on a random ~1.1B-parameter Llama in bfloat16, MBU against the
 # device's read bandwidth measured in the same run. Writes devices.txt, tests.log, tests.xml,
 # bench.log, bench_engine.json and device_check.json (the summary) under OUT_DIR (default
 # $OUT, else out/device_check). Installs nothing. Every step has a timeout; the whole run
-# stays under 8 minutes. test_model_parity needs torch and transformers and is left out
+# stays under 9 minutes. test_model_parity needs torch and transformers and is left out
 # where they are missing (said in the summary).
 #
 # --dry-run (or DEVICE_CHECK_DRY_RUN=1): the same steps on CPU with a tiny model, short runs
@@ -37,8 +38,14 @@ if [[ "$dry_run" == 1 ]]; then
 else
     export JAXLLM_TEST_REAL_DEVICES=1
     unset JAX_PLATFORMS
-    tests=(tests/test_attention_kernels.py tests/test_attention.py tests/test_engine.py)
-    test_timeout=240
+    # MoE dispatch on the chip (jax.lax.ragged_dot is the GPU default; XLA:CPU never ran it
+    # fast): every method against the dense reference, and int8 experts.
+    moe=tests/test_moe.py
+    tests=(tests/test_attention_kernels.py tests/test_attention.py tests/test_engine.py
+        "$moe::test_every_method_equals_the_dense_reference"
+        "$moe::test_skewed_routing_all_tokens_to_one_expert"
+        "$moe::test_int8_weights_equal_their_dequantized_floats")
+    test_timeout=300  # parity over every family, engine, MoE dispatch
     bench_timeout=200
     bench=(--models llama1b --dtype bfloat16 --concurrency 1 8 32 --rounds 2 --decode-tokens 128
         --output-len 64 --prompt-len 32 --max-seq-len 1024 --bandwidth-gib 2 --repeats 5
