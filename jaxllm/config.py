@@ -275,19 +275,13 @@ MIXTRAL_8X7B = ModelConfig(
     experts_per_token=2,
     expert_intermediate_size=14336,
 )
-QWEN3_30B_A3B = ModelConfig(
+QWEN3_30B_A3B = dataclasses.replace(
+    QWEN3_8B,
     architecture="Qwen3MoeForCausalLM",
-    vocab_size=151936,
     hidden_size=2048,
     intermediate_size=6144,
     num_layers=48,
-    num_heads=32,
     num_kv_heads=4,
-    head_dim=128,
-    rms_norm_eps=1e-6,
-    rope_theta=1_000_000.0,
-    max_position_embeddings=40960,
-    qk_norm=True,
     num_experts=128,
     experts_per_token=8,
     expert_intermediate_size=768,
