@@ -245,7 +245,9 @@ class MoE(nnx.Module):
         scales = [_scale(getattr(self, m + "_scale")) for m in moe.MATRICES]
         y, _ = moe.experts_mlp(
             flat,
-            weights.astype(x.dtype),  # as Qwen3-MoE rounds them (and Mixtral in float32)
+            # Qwen3-MoE rounds the routing weights to the model dtype; Mixtral keeps them in
+            # float32, so in bfloat16 its weights are rounded here one step before HF's.
+            weights.astype(x.dtype),
             experts,
             self.w_gate[...],
             self.w_up[...],

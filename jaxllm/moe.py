@@ -69,8 +69,6 @@ DEFAULT_METHOD = "blocks"
 # Largest row block of the "blocks" method; blocks are sized to the expected rows per expert
 # (P / E, as a power of two) up to this.
 MAX_BLOCK_ROWS = 256
-# Rows up to which a float expert matmul on CPU runs one vector-matrix product per row.
-FLOAT_ROW_LOOP_MAX_ROWS = 4
 
 # The three expert matrices, in the order scales are given as a tuple.
 MATRICES = ("w_gate", "w_up", "w_down")
@@ -254,16 +252,9 @@ def _block_rows(T: int, k: int, num_experts: int) -> int:
 
 
 def _linear(x: Float[Array, "R I"], w: Shaped[Array, "O I"], scale) -> Float[Array, "R O"]:
-    """``x @ w.T`` in float32 for one expert's matrix (a slice of the stack, read in place).
-    Few rows on XLA:CPU: one vector-matrix product per row, as ``jaxllm.quantize`` does for
-    int8; a [2, D] @ [D, F] matmul of a sliced float weight transposed the weight first
-    (Mixtral-like layer, T=8: 108 ms against 29 ms per call); at 8 rows the matmul was faster
-    again (Qwen3-MoE-like layer, T=64: 8-row blocks 212 ms, 4-row ones 59 ms, 16-row 66 ms)."""
-    if scale is None:
-        if jax.default_backend() == "cpu" and x.shape[0] <= FLOAT_ROW_LOOP_MAX_ROWS:
-            x = quantize._materialized(x)
-            return jnp.stack([x[r] @ w.T for r in range(x.shape[0])]).astype(jnp.float32)
-        return jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
+    """``x @ w.T`` in float32 for one expert's matrix, a slice of the stack read in place
+    (``quantize.linear``'s sliced spelling: one vector-matrix product per row for the few
+    rows of a decode-sized block on CPU)."""
     return quantize.linear(x[None], w, scale, out_dtype=jnp.float32, sliced=True)[0]
 
 

@@ -147,35 +147,40 @@ def convert_hf_to_orbax(
             by_dtype[file.entries[stored.name][0]] += file.nbytes(stored.name)
         dtype = by_dtype.most_common(1)[0][0]
     dtype = jnp.dtype(dtype)
-    mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
-    _, abstract = ModelSpec(config, dtype, mesh, DEFAULT_RULES).abstract()
-    axes = {k: p.axes for k, p in named_params(abstract).items()}
 
     def arrays():
         for name in sorted(layout):
             stored = layout[name]
             parts = [_to_jaxllm_layout(ckpt.location[t.name], t, dtype) for t in stored.tensors()]
-            array = np.stack(parts) if stored.experts else parts[0]
-            del parts
-            in_dims = quant.input_dims(name)
-            if quantize is None or in_dims is None:
-                yield name, array, axes[name]
-                continue
-            q, scale = (np.asarray(x) for x in quant.quantize(array, in_dims))
-            del array
-            yield name, q, axes[name]
-            yield quant.scale_name(name), scale, axes[name][: q.ndim - in_dims]
+            yield name, np.stack(parts) if stored.experts else parts[0]
 
     config_text = (hf_dir / "config.json").read_text()
     return _write(
         Path(out_dir),
         config_text,
         hf_dir,
-        arrays(),
+        _to_store(config, dtype, arrays(), quantize),
         on_tensor,
         host_arrays=True,
         quantization=quantize,
     )
+
+
+def _to_store(config: ModelConfig, dtype, arrays, quantize: str | None):
+    """``(name, array, logical axes)`` to write, from float ``(name, array)`` pairs in
+    jaxllm's layout: each weight quantized to int8 plus its scale when ``quantize`` says."""
+    mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
+    _, abstract = ModelSpec(config, dtype, mesh, DEFAULT_RULES).abstract()
+    axes = {k: p.axes for k, p in named_params(abstract).items()}
+    for name, array in arrays:
+        in_dims = quant.input_dims(name)
+        if quantize is None or in_dims is None:
+            yield name, array, axes[name]
+            continue
+        q, scale = (np.asarray(x) for x in quant.quantize(array, in_dims))
+        del array
+        yield name, q, axes[name]
+        yield quant.scale_name(name), scale, axes[name][: q.ndim - in_dims]
 
 
 def convert_gguf_to_orbax(
@@ -199,21 +204,6 @@ def convert_gguf_to_orbax(
     file = GGUFFile(gguf_path)
     config = file.config()
     dtype = jnp.dtype(dtype if dtype is not None else file.stored_dtype())
-    mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
-    _, abstract = ModelSpec(config, dtype, mesh, DEFAULT_RULES).abstract()
-    axes = {k: p.axes for k, p in named_params(abstract).items()}
-
-    def arrays():
-        for name, array in jaxllm_arrays(file, config, dtype):
-            in_dims = quant.input_dims(name)
-            if quantize is None or in_dims is None:
-                yield name, array, axes[name]
-                continue
-            q, scale = (np.asarray(x) for x in quant.quantize(array, in_dims))
-            del array
-            yield name, q, axes[name]
-            yield quant.scale_name(name), scale, axes[name][: q.ndim - in_dims]
-
     with tempfile.TemporaryDirectory() as tokenizer_src:
         file.tokenizer().save(tokenizer_src)
         config_text = json.dumps(config.to_hf_dict(), indent=2)
@@ -221,7 +211,7 @@ def convert_gguf_to_orbax(
             Path(out_dir),
             config_text,
             tokenizer_src,
-            arrays(),
+            _to_store(config, dtype, jaxllm_arrays(file, config, dtype), quantize),
             on_tensor,
             host_arrays=True,
             quantization=quantize,

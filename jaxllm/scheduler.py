@@ -250,10 +250,13 @@ class Scheduler:
         if self.window is None:
             return
         dead = min(max(0, seq.computed - self.window + 1) // self.page_size, len(seq.pages))
-        for i in range(dead):
-            if seq.pages[i] != FREED:
-                self.pages.release([seq.pages[i]])
-                seq.pages[i] = FREED
+        # Freed entries are a prefix of the list: walk back from the newest dead page only
+        # as far as the last step freed (a long sequence's list is not rescanned each step).
+        first = dead
+        while first > 0 and seq.pages[first - 1] != FREED:
+            first -= 1
+        self.pages.release(seq.pages[first:dead])  # newest evicted first, as for any release
+        seq.pages[first:dead] = [FREED] * (dead - first)
 
     def _register_full_pages(self, seq: Sequence) -> None:
         size = self.page_size
