@@ -30,6 +30,16 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # KV pool size; None: see CPU_DEFAULT_KV_BYTES
     kv_cache_dtype: str | None = None  # None: the model's dtype; "int8": quantized pool
     prefix_caching: bool = True
+    # Speculative decoding (off by default): "ngram" drafts by prompt lookup, "draft" with
+    # the smaller model at ``draft_model`` (same tokenizer); each decode row then verifies up
+    # to ``num_speculative_tokens`` drafted tokens in one step (``jaxllm.speculative``).
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None  # a checkpoint path, as ``LLM.load`` takes
+    # n-gram drafting: the longest suffix of this many tokens (down to the minimum) that
+    # occurred before in the sequence proposes the tokens that followed it.
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 2
 
     def __post_init__(self):
         kv_cache.check_dtype(self.kv_cache_dtype)
@@ -40,6 +50,9 @@ class EngineConfig:
             "chunk": (1, 1 << 14),
             "page_size": (1, 1024),
             "attention_block": (1, 1 << 16),
+            "num_speculative_tokens": (1, 16),
+            "prompt_lookup_max": (1, 16),
+            "prompt_lookup_min": (1, 16),
         }
         for name, (low, high) in limits.items():
             value = getattr(self, name)
@@ -50,6 +63,14 @@ class EngineConfig:
                 f"attention_block ({self.attention_block}) must be a multiple of page_size "
                 f"({self.page_size})"
             )
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(
+                f"speculative must be None (off), 'ngram' or 'draft', got {self.speculative!r}"
+            )
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError("speculative='draft' needs draft_model (a checkpoint path), and only it")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         if self.kv_cache_bytes is not None and not (
             isinstance(self.kv_cache_bytes, int) and self.kv_cache_bytes > 0
         ):

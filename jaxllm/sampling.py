@@ -33,6 +33,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
+from jaxllm.structured import StructuredOutput
+
 _NUM_CANDIDATES = 64
 _ARGMAX_BLOCK = 32
 # Most alternatives a request may ask for per token (OpenAI's top_logprobs limit).
@@ -63,6 +65,11 @@ class SamplingParams:
     logprobs: int | None = None
     # None = off; k = each prompt token's logprob given the tokens before it, plus top k.
     prompt_logprobs: int | None = None
+    # None = free text; else what the output must match (a JSON Schema, a regex, a grammar).
+    structured: StructuredOutput | None = None
+    # Speculative decoding for this request: None = the engine's setting, False = off, True =
+    # on (the engine must have a speculative method configured).
+    speculative: bool | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -82,6 +89,10 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got {self.structured!r}")
+        if self.speculative not in (None, True, False):
+            raise ValueError(f"speculative must be None, True or False, got {self.speculative!r}")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and (
