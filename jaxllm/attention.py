@@ -54,10 +54,11 @@ class RowGroup(NamedTuple):
 
 class PagedBatch(NamedTuple):
     """Per-step metadata every layer shares: where each token's key/value is written, and
-    the two row groups that read: decode rows (one query) and prefill rows (a chunk)."""
+    the two row groups that read: decode rows (one query, or a token and the drafted tokens
+    it verifies) and prefill rows (a chunk)."""
 
     slots: Int[Array, " T"]  # flat pool slot of each token (past the end: padding, dropped)
-    decode: RowGroup  # the step's first Sd tokens, one row each
+    decode: RowGroup  # the step's first Sd * Q tokens, Q per row
     prefill: RowGroup  # the next Sp * C tokens, C per row
 
 

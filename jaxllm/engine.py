@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxllm import attention_kernels, step
 from jaxllm.compiles import CompileCounter
-from jaxllm.engine_config import EngineConfig, pool_pages
+from jaxllm.engine_config import SPECULATIVE_MAX_ROWS, EngineConfig, pool_pages
 from jaxllm.intake import Intake
 from jaxllm.kv_pages import KVPages
 from jaxllm.request import Request
@@ -50,6 +50,7 @@ from jaxllm.sampling import Sampled, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.scheduler import Sequence as SchedSequence
 from jaxllm.scoring import PromptScorer
+from jaxllm.speculative import Drafter, DraftModelDrafter, NgramDrafter
 from jaxllm.startup import StartupReport
 from jaxllm.tokenizer import Tokenizer
 
@@ -79,17 +80,26 @@ class Engine:
         *,
         warm_up_prompt_logprobs: bool = False,
         startup: StartupReport | None = None,
+        draft: ModelRunner | None = None,
     ):
         """``warm_up_prompt_logprobs`` makes warm-up also compile the prompt-scoring
         buckets (``jaxllm.scoring``); without it the first prompt_logprobs request of each
         length bucket compiles on the engine thread. ``startup``: the report of the load
-        that made ``runner``, completed by ``warm_up`` (``jaxllm.startup``)."""
+        that made ``runner``, completed by ``warm_up`` (``jaxllm.startup``). ``draft``: the
+        draft model of ``config.speculative == "draft"`` (on ``runner``'s mesh)."""
         self.startup = startup or StartupReport()
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         self.warm_up_prompt_logprobs = warm_up_prompt_logprobs
-        self.num_pages = pool_pages(runner, config)
+        if (config.speculative == "draft") != (draft is not None):
+            raise ValueError("a draft model is given exactly when speculative='draft'")
+        self.num_pages = pool_pages(runner, config, draft)
         self.pool = runner.new_pool(self.num_pages, config.page_size, config.kv_cache_dtype)
         self.pages = KVPages(self.num_pages, config.page_size, config.prefix_caching)
+        self.drafter: Drafter | None = None
+        if config.speculative == "ngram":
+            self.drafter = NgramDrafter(config)
+        elif draft is not None:
+            self.drafter = DraftModelDrafter(config, draft, self.num_pages, config.kv_cache_dtype)
         self.scheduler = Scheduler(
             self.pages,
             max_num_seqs=config.max_num_seqs,
@@ -97,6 +107,8 @@ class Engine:
             chunk=config.chunk,
             max_prefill_rows=config.max_prefill_rows,
             window=runner.config.shared_window,
+            speculate=self.drafter.wanted if self.drafter else None,
+            max_draft_rows=SPECULATIVE_MAX_ROWS,
         )
         self._step = step.StepFunction(runner, config, self.pool)
         self._scorer = PromptScorer(runner, config.max_seq_len, config.kv_cache_dtype)
@@ -217,6 +229,11 @@ class Engine:
             raise RuntimeError(f"engine failed: {self.failure}")
         if self._stopping:
             raise RuntimeError("engine is stopped")
+        if params.speculative and self.drafter is None:
+            raise ValueError(
+                "speculative=True, but this engine has no speculative method configured "
+                "(engine option speculative='ngram' or 'draft')"
+            )
         if params.prompt_logprobs is not None and self.mirror is not None:
             # The scoring pass is not replayed by the other processes of a multi-host mesh.
             raise ValueError("prompt_logprobs are not supported on a multi-host mesh")
@@ -300,6 +317,20 @@ class Engine:
             "compiles": CompileCounter.count,
             "startup": self.startup.as_dict(),
             **self._expert_stats(),
+            **self._speculative_stats(),
+        }
+
+    def _speculative_stats(self) -> dict:
+        """Drafted tokens verified, how many were kept, their ratio, and the tokens a
+        verifying decode row produced on average (1 + kept drafts; 1 without speculation)."""
+        if self.drafter is None:
+            return {}
+        sched = self.scheduler
+        return {
+            "spec_draft_tokens": sched.drafted_tokens,
+            "spec_accepted_tokens": sched.accepted_tokens,
+            "spec_acceptance_rate": sched.accepted_tokens / max(1, sched.drafted_tokens),
+            "spec_tokens_per_step": 1 + sched.accepted_tokens / max(1, sched.verify_rows),
         }
 
     def _expert_stats(self) -> dict:
@@ -337,11 +368,16 @@ class Engine:
         for shape in self.config.step_shapes:
             inp = step.padding_only(shape, self.config, self.num_pages)
             lowerings |= self._step.lowerings(self.runner.params, self.pool, inp)
+        if isinstance(self.drafter, DraftModelDrafter):
+            lowerings |= self.drafter.lowerings()
         lowered = {name: lower() for name, lower in lowerings.items()}
         workers = max(1, min(len(lowered), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers, "jaxllm-compile") as pool:
             programs = pool.map(lambda low: low.compile(), lowered.values())
-            self._step.use(dict(zip(lowered, programs, strict=True)))
+            compiled = dict(zip(lowered, programs, strict=True))
+        self._step.use(compiled)
+        if isinstance(self.drafter, DraftModelDrafter):
+            self.drafter.use(compiled)
         if self.warm_up_prompt_logprobs:
             self._scorer.warm_up()
         seconds = time.perf_counter() - start
@@ -398,9 +434,12 @@ class Engine:
                     break
                 self._wake.notify_all()  # wait_idle callers: the scheduler may be idle now
                 self._wake.wait(0.05)
+        if self.drafter is not None:
+            self.drafter.propose(plan)
         inp = step.build(plan, self.config, self.num_pages)
         out = self.run_step(inp)
         sampled = np.asarray(out.tokens).tolist()
+        Sd, Sp, Q = inp.shape
         # Logprobs cross to the host only when some row asked for them.
         rows = None
         if inp.sampling.logprobs.any():
@@ -408,18 +447,22 @@ class Engine:
         with self._wake:
             if self.failure is not None:  # aborted meanwhile: its requests already failed
                 return False
-            Sd, decodes, prefills = inp.shape[0], len(plan.decodes), len(plan.prefills)
-            row_of = None  # which step row each sequence's token came from, when needed
-            if rows is not None:
-                row_of = {seq: i for i, seq in enumerate(plan.decodes)}
-                row_of.update({c.seq: Sd + i for i, c in enumerate(plan.prefills)})
-            new = self.scheduler.update(plan, sampled[:decodes], sampled[Sd : Sd + prefills])
+            # A decode row's logits rows start at i * Q: its newest token's, then each draft's.
+            row_of = {seq: i * Q for i, seq in enumerate(plan.decodes)}
+            row_of.update({c.seq: Sd * Q + i for i, c in enumerate(plan.prefills)})
+            decoded = [
+                sampled[row_of[seq] : row_of[seq] + 1 + len(seq.draft)] for seq in plan.decodes
+            ]
+            prefilled = sampled[Sd * Q : Sd * Q + len(plan.prefills)]
+            new = self.scheduler.update(plan, decoded, prefilled)
+            if self.drafter is not None:
+                self.drafter.verified(plan)
         self.steps += 1
         handoff = []
-        for seq, token in new:
+        for seq, token, offset in new:
             request, extra = seq.payload, None
-            if row_of is not None and request.output.params.logprobs is not None:
-                row = row_of[seq]
+            if rows is not None and request.output.params.logprobs is not None:
+                row = row_of[seq] + offset
                 extra = (float(rows[0][row]), rows[1][row], rows[2][row])
             handoff.append((request, token, extra))
         self._handoff.put(handoff)

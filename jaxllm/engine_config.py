@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 CPU_DEFAULT_KV_BYTES = 1 << 30
 # Where it does (TPU, GPU): this fraction of the memory free after the weights are placed.
 ACCELERATOR_KV_FRACTION = 0.8
+# Speculative decoding runs while a step has at most this many decode rows: it turns
+# memory-bound steps into fewer, wider ones, and a larger batch is compute-bound already
+# (each verify shape is also one more program to compile).
+SPECULATIVE_MAX_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +72,9 @@ class EngineConfig:
                 f"speculative must be None (off), 'ngram' or 'draft', got {self.speculative!r}"
             )
         if (self.speculative == "draft") != (self.draft_model is not None):
-            raise ValueError("speculative='draft' needs draft_model (a checkpoint path), and only it")
+            raise ValueError(
+                "speculative='draft' needs draft_model (a checkpoint path), and only it"
+            )
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         if self.kv_cache_bytes is not None and not (
@@ -104,25 +110,48 @@ class EngineConfig:
         return tuple(sorted({0, 1, self.max_prefill_rows}))
 
     @property
+    def verify_width(self) -> int:
+        """Tokens a decode row computes in a step that verifies drafts (1 + k)."""
+        return 1 + self.num_speculative_tokens if self.speculative else 1
+
+    @property
+    def verify_buckets(self) -> tuple[int, ...]:
+        """Decode rows a verifying step is compiled for (none without speculation)."""
+        if not self.speculative:
+            return ()
+        return tuple(d for d in self.decode_buckets if d <= SPECULATIVE_MAX_ROWS)
+
+    @property
     def sampler_rows(self) -> tuple[int, ...]:
-        """Row counts the sampler is compiled for: a step's rows (decodes + prefill rows)
-        padded to the first that holds them. Few on purpose: the sampler is slow to compile."""
+        """Row counts the sampler is compiled for: a step's logits rows (decode tokens +
+        prefill rows) padded to the first that holds them. Few on purpose: the sampler is slow
+        to compile."""
         largest = self.max_num_seqs + self.max_prefill_rows
+        verifying = max(self.verify_buckets, default=0) * self.verify_width
+        largest = max(largest, verifying + self.max_prefill_rows)
         return tuple(sorted({min(8, largest), largest}))
 
     @property
-    def step_shapes(self) -> tuple[tuple[int, int], ...]:
-        """Every (decode rows, prefill rows) a step can take: what warm-up compiles."""
-        return tuple((d, p) for d in self.decode_buckets for p in self.prefill_buckets)
+    def step_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """Every (decode rows, prefill rows, tokens per decode row) a step can take: what
+        warm-up compiles."""
+        shapes = [(d, p, 1) for d in self.decode_buckets for p in self.prefill_buckets]
+        q = self.verify_width
+        return tuple(
+            shapes + [(d, p, q) for d in self.verify_buckets for p in self.prefill_buckets]
+        )
 
 
-def pool_pages(runner: ModelRunner, config: EngineConfig) -> int:
+def pool_pages(runner: ModelRunner, config: EngineConfig, draft: ModelRunner | None = None) -> int:
     """Pages of the KV pool: ``kv_cache_bytes`` if given; else on a one-process mesh whose
     backend reports memory, a fraction of what is free; else (CPU, multi-process) enough for
-    ``max_num_seqs`` full-length sequences, at most ``CPU_DEFAULT_KV_BYTES``."""
-    cfg = runner.config
-    dtype = config.kv_cache_dtype or runner.spec.dtype
-    per_token = kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
+    ``max_num_seqs`` full-length sequences, at most ``CPU_DEFAULT_KV_BYTES``. With a
+    ``draft`` model (speculative decoding), a page also holds its keys and values, and the
+    budget covers both pools."""
+    per_token = 0
+    for model in (runner, draft) if draft is not None else (runner,):
+        cfg, dtype = model.config, config.kv_cache_dtype or model.spec.dtype
+        per_token += kv_cache.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
     per_page = per_token * config.page_size
     budget = config.kv_cache_bytes
     mesh = runner.spec.mesh

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -132,42 +132,14 @@ class LLM:
             mesh = make_mesh({"tensor": 1}, devices=jax.local_devices()[:1])
         mesh = make_mesh(mesh)
         dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
-        if path is None:
-            path, name = demo.demo_model_dir(), demo.DEMO_MODEL_NAME
-        else:
-            path = Path(path)
-            name = path.name
-        if is_gguf_file(path):  # by its magic bytes, whatever the suffix
-            gguf_file = GGUFFile(path)
-            config, tokenizer = gguf_file.config(), gguf_file.tokenizer()
-            loader = functools.partial(load_gguf_state, gguf_file)
-            stored_quantized = None
-        elif not path.is_dir():
-            raise FileNotFoundError(f"model folder or GGUF file {path} does not exist")
-        elif orbax_checkpoint.is_orbax_checkpoint(path):
-            config = orbax_checkpoint.read_config(path)
-            tokenizer = Tokenizer.from_dir(orbax_checkpoint.tokenizer_dir(path))
-            loader = functools.partial(orbax_checkpoint.load_orbax_state, path)
-            stored_quantized = orbax_checkpoint.read_quantization(path)
-            quantize = stored_quantized or quantize
-        else:
-            config = ModelConfig.from_hf_dir(path)
-            tokenizer = Tokenizer.from_dir(path)
-            loader = functools.partial(load_hf_state, path)
-            stored_quantized = None
+        name = demo.DEMO_MODEL_NAME if path is None else Path(path).name
+        checkpoint = _Checkpoint.open(path)
+        config, tokenizer = checkpoint.config, checkpoint.tokenizer
+        quantize = checkpoint.stored_quantized or quantize
         spec = ModelSpec(
             config, dtype, mesh, get_rules(rules), quantized=quantize, scan_layers=scan_layers
         )
-        # Bytes as read: a float checkpoint quantized at load is read in float.
-        total = config.num_params * (1 if stored_quantized else jnp.dtype(dtype).itemsize)
-        report.weight_bytes = total
-        began = time.perf_counter()
-        with (
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar,
-            startup.recording(report),
-        ):
-            graphdef, state = loader(spec, lambda _, n: bar.update(n))
-        report.weights_done(time.perf_counter() - began)
+        runner = checkpoint.load(spec, name, report)
         engine_options.setdefault("max_seq_len", min(2048, config.max_position_embeddings))
         unknown = set(engine_options) - {f.name for f in dataclasses.fields(EngineConfig)}
         if unknown:
@@ -181,12 +153,26 @@ class LLM:
                 f"max_seq_len {engine_config.max_seq_len} exceeds the model's "
                 f"max_position_embeddings ({config.max_position_embeddings})"
             )
+        draft = None
+        if engine_config.draft_model is not None:  # on the same mesh, in the same format
+            draft_checkpoint = _Checkpoint.open(engine_config.draft_model)
+            draft_checkpoint.check_drafts_for(tokenizer, config)
+            draft_spec = ModelSpec(
+                draft_checkpoint.config,
+                dtype,
+                mesh,
+                get_rules(rules),
+                quantized=draft_checkpoint.stored_quantized or quantize,
+                scan_layers=scan_layers,
+            )
+            draft = draft_checkpoint.load(draft_spec, "draft model", report)
         engine = Engine(
-            ModelRunner(spec, graphdef, state),
+            runner,
             tokenizer,
             engine_config,
             warm_up_prompt_logprobs=warm_up_prompt_logprobs,
             startup=report,
+            draft=draft,
         )
         if start:
             engine.start(warm_up=warm_up)
@@ -319,3 +305,62 @@ def _is_single(prompts) -> bool:
         return True
     items = list(prompts) if not isinstance(prompts, np.ndarray) else prompts.tolist()
     return bool(items) and all(isinstance(t, int | np.integer) for t in items)
+
+
+@dataclasses.dataclass
+class _Checkpoint:
+    """A model on disk, opened: its config and tokenizer, and how to read its weights."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    loader: Callable  # (spec, progress) -> (graphdef, state)
+    stored_quantized: str | None  # saved quantized ("int8"): it loads so, whatever is asked
+
+    @classmethod
+    def open(cls, path: str | Path | None) -> _Checkpoint:
+        """A Hugging Face folder, a jaxllm Orbax checkpoint, a GGUF file, or None (demo)."""
+        path = demo.demo_model_dir() if path is None else Path(path)
+        if is_gguf_file(path):  # by its magic bytes, whatever the suffix
+            gguf_file = GGUFFile(path)
+            loader = functools.partial(load_gguf_state, gguf_file)
+            return cls(gguf_file.config(), gguf_file.tokenizer(), loader, None)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder or GGUF file {path} does not exist")
+        if orbax_checkpoint.is_orbax_checkpoint(path):
+            return cls(
+                orbax_checkpoint.read_config(path),
+                Tokenizer.from_dir(orbax_checkpoint.tokenizer_dir(path)),
+                functools.partial(orbax_checkpoint.load_orbax_state, path),
+                orbax_checkpoint.read_quantization(path),
+            )
+        loader = functools.partial(load_hf_state, path)
+        return cls(ModelConfig.from_hf_dir(path), Tokenizer.from_dir(path), loader, None)
+
+    def load(self, spec: ModelSpec, name: str, report: startup.StartupReport) -> ModelRunner:
+        # Bytes as read: a float checkpoint quantized at load is read in float.
+        itemsize = 1 if self.stored_quantized else jnp.dtype(spec.dtype).itemsize
+        total = self.config.num_params * itemsize
+        report.weight_bytes += total
+        began = time.perf_counter()
+        with (
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}") as bar,
+            startup.recording(report),
+        ):
+            graphdef, state = self.loader(spec, lambda _, n: bar.update(n))
+        report.weights_done(time.perf_counter() - began)
+        return ModelRunner(spec, graphdef, state)
+
+    def check_drafts_for(self, tokenizer: Tokenizer, config: ModelConfig) -> None:
+        """A draft model must speak the target's tokens: the same tokenizer vocabulary, and
+        no token id the target does not have."""
+        probe = "def main():\n    return {'a': [1, 2.5]}  # ok"
+        same = self.tokenizer.vocab_size == tokenizer.vocab_size and self.tokenizer.encode(
+            probe
+        ) == tokenizer.encode(probe)
+        if not same or self.config.vocab_size > config.vocab_size:
+            raise ValueError(
+                "the draft model's tokenizer differs from the model's "
+                f"(vocab {self.tokenizer.vocab_size} / {self.config.vocab_size} ids against "
+                f"{tokenizer.vocab_size} / {config.vocab_size}): a draft model must share "
+                "the model's tokenizer"
+            )

@@ -175,15 +175,16 @@ class Attention(nnx.Module):
             out = self.kernels.causal(q, k, v, positions, window, kv_dtype)
         else:  # one engine step: B == 1, the step's tokens flattened on T
             pool = kv_cache.write(pool, layer, k[0], v[0], step.slots)
-            Sd = step.decode.page_table.shape[0]
+            # Decode rows carry Q queries each: one, or a token and its drafts to verify.
+            Sd, Q = step.decode.positions.shape
             Sp, C = step.prefill.positions.shape
             parts = []
             if Sd:
-                rows = q[0, :Sd].reshape(Sd, 1, N, H)
+                rows = q[0, : Sd * Q].reshape(Sd, Q, N, H)
                 attend = self.kernels.paged
                 parts.append(attend(rows, step.decode, pool, layer, window, block_pages))
             if Sp:
-                rows = q[0, Sd:].reshape(Sp, C, N, H)
+                rows = q[0, Sd * Q :].reshape(Sp, C, N, H)
                 # A kernel chosen for decode rows falls back to pure JAX for these.
                 attend = self.kernels.paged
                 parts.append(attend(rows, step.prefill, pool, layer, window, block_pages))

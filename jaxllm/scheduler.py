@@ -51,6 +51,12 @@ class Sequence:
     pages: list[int] = dataclasses.field(default_factory=list)
     keys: list[bytes] = dataclasses.field(default_factory=list)  # of pages[:len(keys)]
     finished: bool = False  # max_tokens or a stop token reached
+    # Speculative decoding, for the step being planned: drafted tokens may follow the newest
+    # one up to ``draft_room`` (pages are held for them); after the step, ``accepted`` of
+    # the ``draft`` matched what the model sampled.
+    draft_room: int = 0
+    draft: list[int] = dataclasses.field(default_factory=list)
+    accepted: int = 0
 
     @property
     def remaining(self) -> int:
@@ -94,11 +100,19 @@ class Scheduler:
         chunk: int,
         max_prefill_rows: int,
         window: int | None = None,
+        speculate: Callable[[Sequence], int] | None = None,
+        max_draft_rows: int = 0,
     ):
         """``window``: the sliding window every layer of the model shares (None: none, or
-        not every layer has one); pages older than it are given back (module docstring)."""
+        not every layer has one); pages older than it are given back (module docstring).
+        ``speculate(seq)``: how many drafted tokens ``seq`` wants verified after its newest
+        (speculative decoding; 0: none), asked for each decode of a step with at most
+        ``max_draft_rows`` of them."""
         self.pages = pages
         self.window = window
+        self.speculate, self.max_draft_rows = speculate, max_draft_rows
+        # Drafted tokens verified, how many of them were kept, in how many decode rows.
+        self.drafted_tokens = self.accepted_tokens = self.verify_rows = 0
         self.page_size = pages.page_size
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
         self.chunk, self.max_prefill_rows = chunk, max_prefill_rows
@@ -145,32 +159,68 @@ class Scheduler:
         ):
             self.waiting.popleft()
         plan.decodes.sort(key=lambda s: -s.computed)  # stable: ties keep admission order
+        self._make_room_for_drafts(plan)
         return plan
 
+    def _make_room_for_drafts(self, plan: StepPlan) -> None:
+        """Sets each decode's ``draft_room`` (0 unless speculating) and holds pages for it.
+        Drafts take only free pages and never preempt: room that does not fit is not drafted.
+        A sequence never drafts past ``max_tokens``: a step adds at most room + 1 tokens."""
+        speculating = self.speculate is not None and len(plan.decodes) <= self.max_draft_rows
+        for seq in plan.decodes:
+            seq.draft, seq.accepted = [], 0
+            room = 0
+            if speculating:
+                room = min(self.speculate(seq), seq.max_tokens - seq.num_generated - 1)
+            if room > 0:
+                needed = -(-(seq.computed + 1 + room) // self.page_size) - len(seq.pages)
+                got = self.pages.allocate(needed) if needed > 0 else []
+                if got is None:
+                    room = len(seq.pages) * self.page_size - seq.computed - 1
+                else:
+                    seq.pages.extend(got)
+            seq.draft_room = max(0, room)
+
     def update(
-        self, plan: StepPlan, decoded: Seq[int], prefilled: Seq[int]
-    ) -> list[tuple[Sequence, int]]:
-        """Records a step's results: ``decoded[i]`` is the token sampled for the plan's i-th
-        decode, ``prefilled[i]`` for its i-th chunk (ignored unless the chunk samples).
-        Returns each new (sequence, token); a sequence that reached max_tokens or a stop
-        token is finished and its pages released."""
+        self, plan: StepPlan, decoded: Seq[Seq[int]], prefilled: Seq[int]
+    ) -> list[tuple[Sequence, int, int]]:
+        """Records a step's results: ``decoded[i]`` holds the tokens sampled at the plan's
+        i-th decode row (its newest token's, then each draft's), ``prefilled[i]`` the token
+        of its i-th chunk (ignored unless the chunk samples). A decode keeps its drafts up to
+        the first that differs from the token sampled before it, and that sample: each kept
+        token is what decoding one step at a time would have sampled. Returns each new
+        (sequence, token, offset in its row); a sequence that reached max_tokens or a stop
+        token is finished (later tokens of its row are dropped) and its pages released."""
         new = []
-        for seq, token in zip(plan.decodes, decoded, strict=True):
-            seq.computed += 1
-            new.append((seq, int(token)))
+        for seq, sampled in zip(plan.decodes, decoded, strict=True):
+            kept = 0
+            while kept < len(seq.draft) and sampled[kept] == seq.draft[kept]:
+                kept += 1
+            seq.accepted = kept
+            seq.computed += 1 + kept
+            new.extend((seq, int(sampled[j]), j) for j in range(kept + 1))
+            if seq.draft:
+                self.verify_rows += 1
+                self.drafted_tokens += len(seq.draft)
+                self.accepted_tokens += kept
         for chunk, token in zip(plan.prefills, prefilled, strict=True):
             chunk.seq.computed += chunk.length
             if chunk.samples:
-                new.append((chunk.seq, int(token)))
+                new.append((chunk.seq, int(token), 0))
+        kept_new = []
+        for seq, token, offset in new:
+            if seq.finished:  # a stop inside a verified row: what follows was never generated
+                seq.computed = min(seq.computed, len(seq.tokens))
+                continue
+            seq.tokens.append(token)
+            kept_new.append((seq, token, offset))
+            if seq.num_generated >= seq.max_tokens or token in seq.stop_ids:
+                seq.finished = True
         for seq in [*plan.decodes, *(chunk.seq for chunk in plan.prefills)]:
             self._register_full_pages(seq)
             self._free_out_of_window(seq)
-        for seq, token in new:
-            seq.tokens.append(token)
-            if seq.num_generated >= seq.max_tokens or token in seq.stop_ids:
-                seq.finished = True
         self._reap()
-        return new
+        return kept_new
 
     def abort_all(self) -> list[Sequence]:
         """Removes every sequence, releasing its pages; returns them."""

@@ -34,7 +34,7 @@ def step(sched, token=7):
     for c in plan.prefills:
         assert c.start == c.seq.computed and 0 < c.length <= sched.chunk
         assert len(c.seq.pages) * sched.page_size >= c.start + c.length
-    sched.update(plan, [token] * len(plan.decodes), [token] * len(plan.prefills))
+    sched.update(plan, [[token]] * len(plan.decodes), [token] * len(plan.prefills))
     return plan
 
 
@@ -77,7 +77,7 @@ def test_prefix_hits_reuse_full_pages_but_never_the_last_tokens_page():
     plan2 = sched.schedule()
     assert [c.start for c in plan2.prefills if c.seq is exact] == [4]
     sched.update(plan, [], [1])
-    sched.update(plan2, [1] * len(plan2.decodes), [1] * len(plan2.prefills))
+    sched.update(plan2, [[1]] * len(plan2.decodes), [1] * len(plan2.prefills))
     while not sched.idle:
         step(sched)
     sched.pages.check()
