@@ -3,6 +3,7 @@
     jaxllm serve [--model PATH] [--config configs/demo.yaml] [--mesh data=2,tensor=4]
                  [--host 127.0.0.1] [--port 50051] [--metrics-port 9090] [--http-port 8000]
                  [--api-key KEY] [--warm-up-prompt-logprobs]
+                 [--speculative ngram|draft [--num-speculative-tokens 4] [--draft-model PATH]]
                  [--tls-cert CERT --tls-key KEY] [--auth-token-file FILE]
     jaxllm generate --server HOST:PORT [sampling flags] PROMPT
     jaxllm serve --coordinator HOST:PORT --num-processes N --process-id I ...   (multi-host)
@@ -83,7 +84,7 @@ def serve_config(args) -> ServeConfig:
     engine = {
         name: getattr(args, name)
         for name in ("max_num_seqs", "max_seq_len", "max_step_tokens", "kv_cache_bytes")
-        + ("kv_cache_dtype", "page_size")
+        + ("kv_cache_dtype", "page_size", "speculative", "num_speculative_tokens", "draft_model")
         if getattr(args, name) is not None
     }
     return config.replace(engine=engine, **flags)
@@ -221,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--kv-cache-bytes", type=int, help="KV pool size in bytes")
     srv.add_argument("--page-size", type=int, help="tokens per KV page (default 16)")
+    srv.add_argument(
+        "--speculative",
+        choices=["ngram", "draft"],
+        help="speculative decoding: draft by prompt lookup (ngram) or with --draft-model",
+    )
+    srv.add_argument(
+        "--num-speculative-tokens", type=int, help="tokens drafted per step, 1..16 (default 4)"
+    )
+    srv.add_argument(
+        "--draft-model", help="checkpoint of the draft model (--speculative draft; same tokenizer)"
+    )
     srv.add_argument("--max-queue", type=int, help="requests waiting beyond max_num_seqs")
     srv.add_argument("--stream-interval", type=int, help="tokens per message after the first")
     srv.add_argument("--drain-timeout-s", type=float, help="grace for streams on SIGTERM")

@@ -9,6 +9,8 @@ spread round-robin by the channel itself.
             print(piece, end="", flush=True)
         reply = client.chat([{"role": "user", "content": "Hi!"}], max_tokens=32)
         choices = client.generate("def f(", n=3, seed=0, logprobs=True, num_logprobs=5)
+        schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+        reply = client.generate("A person: ", structured={"json_schema": schema})
 """
 
 from __future__ import annotations
@@ -87,7 +89,28 @@ def _sampling(sampling: dict) -> pb.SamplingParams:
     unknown = set(sampling) - _SAMPLING_FIELDS
     if unknown:
         raise TypeError(f"unknown sampling options {sorted(unknown)}")
-    return pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    if isinstance(sampling.get("structured"), Mapping):
+        sampling["structured"] = structured(**sampling["structured"])
+    return pb.SamplingParams(**sampling)
+
+
+def structured(
+    json_schema: str | Mapping | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    grammar: str | None = None,
+) -> pb.StructuredOutput:
+    """The ``structured`` sampling option (one of these): a JSON Schema (an object or its
+    JSON text), any JSON object, a regex or a Lark grammar. A dict of the same names works."""
+    if isinstance(json_schema, Mapping):
+        json_schema = json.dumps(json_schema)
+    options = dict(json_schema=json_schema, json_object=json_object or None, regex=regex)
+    options["grammar"] = grammar
+    given = {k: v for k, v in options.items() if v is not None}
+    if len(given) != 1:
+        raise ValueError("structured takes one of json_schema, json_object, regex, grammar")
+    return pb.StructuredOutput(**given)
 
 
 def _logprobs(messages) -> list[TokenLogprob]:

@@ -61,6 +61,8 @@ class ServeConfig:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
+    # Longest JSON Schema, regex or grammar text a request's output constraint may have.
+    max_structured_chars: int = 64 * 1024
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_token_file: str | None = None

@@ -115,6 +115,8 @@ class HttpFrontEnd:
             max_stop_strings=self.config.max_stop_strings,
             max_stop_string_chars=self.config.max_stop_string_chars,
             max_stop_token_ids=self.config.max_stop_token_ids,
+            max_structured_chars=self.config.max_structured_chars,
+            speculative=engine_config.speculative,
         )
         spec = llm.runner.spec
         described = f"{llm.name}|{llm.config}|{spec.dtype}|{spec.quantized}|{engine_config}"

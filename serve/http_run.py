@@ -23,6 +23,7 @@ from serve import openai_protocol as oa
 from serve.admission import Admission
 from serve.metrics import Metrics
 from serve.openai_protocol import BadRequest
+from serve.validation import refused_for_constraint
 from serve.wakeup import Waker
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,10 @@ class Submitter:
             try:
                 self.engine.check(ids, params)
             except ValueError as e:
-                raise BadRequest("prompt", str(e)) from None
+                at_fault = refused_for_constraint(self.engine, ids, params)
+                raise BadRequest(
+                    oa.constraint_field(req) if at_fault else "prompt", str(e)
+                ) from None
             jobs.append((ids, params))
         sequences = len(prompts) * req.n
         if sequences > self.admission.capacity:

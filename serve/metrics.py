@@ -5,7 +5,10 @@ whatever its prompts and n); ``jaxllm_http_responses`` adds HTTP status codes.""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from jaxllm.engine import Engine
 from serve.admission import Admission
@@ -137,8 +140,41 @@ class Metrics:
                     lambda e=e: int(engine.expert_tokens[:, e].sum())
                 )
             self.expert_imbalance.set_function(lambda: engine.stats()["expert_load_imbalance"])
+        self.registry.register(Speculation(engine.stats))
 
     def serve_http(self, host: str, port: int) -> int:
         """Starts the /metrics endpoint in a thread; returns the port bound (for port 0)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+
+class Speculation:
+    """Speculative decoding's figures, read from ``stats()`` (``Engine.stats``) at scrape
+    time: all 0 when the engine does not speculate. The token counts are counters (the
+    engine's running totals), so they take the ``_total`` suffix a gauge may not."""
+
+    def __init__(self, stats: Callable[[], Mapping]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        yield CounterMetricFamily(
+            "jaxllm_spec_draft_tokens",
+            "Speculative decoding: tokens drafted for verification",
+            value=stats.get("spec_draft_tokens", 0),
+        )
+        yield CounterMetricFamily(
+            "jaxllm_spec_accepted_tokens",
+            "Speculative decoding: drafted tokens the target model accepted",
+            value=stats.get("spec_accepted_tokens", 0),
+        )
+        yield GaugeMetricFamily(
+            "jaxllm_spec_acceptance_rate",
+            "Speculative decoding: accepted over drafted tokens",
+            value=stats.get("spec_acceptance_rate", 0),
+        )
+        yield GaugeMetricFamily(
+            "jaxllm_spec_tokens_per_step",
+            "Speculative decoding: mean tokens a sequence gains per verify step",
+            value=stats.get("spec_tokens_per_step", 0),
+        )

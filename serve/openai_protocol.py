@@ -13,10 +13,19 @@ lists), ``messages`` (system/developer, user, assistant; text content only), ``m
 ``logprobs`` / ``top_logprobs`` (0..20), ``echo``, ``stream``, ``stream_options.include_usage``,
 ``ignore_eos``, ``user`` (accepted and logged; it changes nothing). Accepted only at their
 neutral value (anything else is a 400): ``presence_penalty`` / ``frequency_penalty`` (0),
-``logit_bias`` (empty), ``best_of`` (= n), ``suffix`` (null), ``response_format``
-(``{"type": "text"}``), ``tools`` (empty) and ``tool_choice`` (``"none"``). Messages take
-``role`` and ``content`` only (no ``name``, tool calls or images); ``developer`` is rendered
-as ``system``.
+``logit_bias`` (empty), ``best_of`` (= n), ``suffix`` (null), ``tools`` (empty) and
+``tool_choice`` (``"none"``). Messages take ``role`` and ``content`` only (no ``name``, tool
+calls or images); ``developer`` is rendered as ``system``.
+
+Structured output, on both endpoints, at most one constraint per request (two are a 400 naming
+them), each text at most ``ServeConfig.max_structured_chars``: OpenAI's ``response_format``
+(``{"type": "text"}`` = free, ``{"type": "json_object"}``, ``{"type": "json_schema",
+"json_schema": {"name", "schema", "description", "strict"}}``: the output always matches the
+schema, whatever ``strict`` says), and vLLM's extensions ``guided_json`` (a schema object or
+its JSON text), ``guided_regex``, ``guided_grammar`` (Lark) and ``structured_outputs``
+(``{"json" | "regex" | "grammar" | "json_object": true}``). The extension ``speculative``
+(bool) turns speculative decoding off (false) or on (true: the server must have been started
+with a speculative method) for one request; left out, the server's setting holds.
 
 Defaults: ``max_tokens`` is ``ServeConfig.default_max_tokens`` for completions (OpenAI: 16)
 and the rest of the context for chat (as OpenAI's chat API); ``temperature`` and ``top_p``
@@ -29,12 +38,14 @@ those of the model's own distribution.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jaxllm.sampling import SamplingParams
+from jaxllm.structured import StructuredOutput
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -69,6 +80,29 @@ class StreamOptions(_Body):
 
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenIds = list[NonNegInt]
+# A JSON Schema as an object, or (vLLM's guided_json) its JSON text.
+Schema = str | dict[str, Any]
+
+
+class JsonSchemaFormat(_Body):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs``: one of these."""
+
+    json_: Schema | None = Field(None, alias="json")
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _Sampling(_Body):
@@ -91,6 +125,13 @@ class _Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM's extensions.
+    guided_json: Schema | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    speculative: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -111,16 +152,11 @@ class ChatMessage(_Body):
     content: str | list[TextPart]
 
 
-class ResponseFormat(_Body):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = Field(None, max_length=0)
     tool_choice: Literal["none"] | None = None
 
@@ -236,10 +272,14 @@ _EXPECTED = {
     "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
     "stop": "a string or a list of strings",
     "content": "a string or a list of text parts ({'type': 'text', 'text': ...})",
+    "guided_json": "a JSON Schema: an object or its JSON text",
+    "json": "a JSON Schema: an object or its JSON text",
 }
 _MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
-_MODELS += (ChatMessage, TextPart, StreamOptions, ResponseFormat)
-_FIELD_NAMES = {name for m in _MODELS for name in m.model_fields}
+_MODELS += (ChatMessage, TextPart, StreamOptions, ResponseFormat, JsonSchemaFormat)
+_MODELS += (StructuredOutputs,)
+# As a body spells them (errors name fields by their aliases).
+_FIELD_NAMES = {f.alias or name for m in _MODELS for name, f in m.model_fields.items()}
 
 
 def parse(model: type[_Body], body: bytes) -> Any:
@@ -296,6 +336,8 @@ class Limits:
     max_stop_strings: int
     max_stop_string_chars: int
     max_stop_token_ids: int
+    max_structured_chars: int  # a JSON Schema, regex or grammar text
+    speculative: str | None  # the engine's speculative method; None = off
 
 
 def refuse_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
@@ -369,6 +411,12 @@ def sampling_params(
         value = getattr(req, name)
         if value is not None and not math.isfinite(value):
             raise BadRequest(name, "must be finite")
+    if req.speculative and limits.speculative is None:
+        raise BadRequest(
+            "speculative",
+            "this server runs no speculative decoding (start it with --speculative ngram or "
+            "draft); send false or leave it out",
+        )
     options: dict[str, Any] = dict(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -379,6 +427,8 @@ def sampling_params(
         stop=tuple(stop),
         stop_token_ids=tuple(stop_ids),
         ignore_eos=req.ignore_eos,
+        structured=structured_output(req, limits),
+        speculative=req.speculative,
     )
     logprobs = wanted_logprobs(req)
     if logprobs is not None:
@@ -397,3 +447,78 @@ def wanted_logprobs(req: CompletionRequest | ChatCompletionRequest) -> int | Non
     if isinstance(req, CompletionRequest):
         return req.logprobs
     return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def _constraints(req: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, str, Any]]:
+    """Every output constraint the request gives, as (field, StructuredOutput field, value)."""
+    given = []
+    fmt = req.response_format
+    if fmt is not None:
+        if (fmt.type == "json_schema") != (fmt.json_schema is not None):
+            raise BadRequest(
+                "response_format.json_schema", "give it with type json_schema, and only then"
+            )
+        if fmt.type == "json_object":
+            given.append(("response_format", "json_object", True))
+        elif fmt.type == "json_schema":
+            given.append(
+                ("response_format.json_schema.schema", "json_schema", fmt.json_schema.schema_)
+            )
+    for kind in ("json", "regex", "grammar"):
+        value = getattr(req, f"guided_{kind}")
+        if value is not None:
+            given.append((f"guided_{kind}", "json_schema" if kind == "json" else kind, value))
+    outputs = req.structured_outputs
+    if outputs is not None:
+        inner = [
+            ("structured_outputs.json", "json_schema", outputs.json_),
+            ("structured_outputs.regex", "regex", outputs.regex),
+            ("structured_outputs.grammar", "grammar", outputs.grammar),
+            ("structured_outputs.json_object", "json_object", outputs.json_object or None),
+        ]
+        inner = [c for c in inner if c[2] is not None]
+        if not inner:
+            raise BadRequest(
+                "structured_outputs", "give one of json, regex, grammar or json_object: true"
+            )
+        given += inner
+    if len(given) > 1:
+        names = ", ".join(field for field, _, _ in given)
+        raise BadRequest(given[-1][0], f"give at most one output constraint; got {names}")
+    return given
+
+
+def structured_output(
+    req: CompletionRequest | ChatCompletionRequest, limits: Limits
+) -> StructuredOutput | None:
+    """The request's output constraint (see the module's docstring), or None for free text;
+    raises BadRequest naming the field for two constraints, an oversized text or a schema
+    that is not a JSON object. Whether the engine can compile it, ``Engine.check`` says."""
+    given = _constraints(req)
+    if not given:
+        return None
+    field, kind, value = given[0]
+    if kind == "json_object":
+        return StructuredOutput(json_object=True)
+    text = json.dumps(value) if isinstance(value, dict) else value
+    if len(text) > limits.max_structured_chars:
+        raise BadRequest(
+            field,
+            f"{len(text)} characters, more than the server's max_structured_chars "
+            f"({limits.max_structured_chars})",
+        )
+    if kind == "json_schema" and isinstance(value, str):
+        try:
+            schema = json.loads(value)
+        except ValueError as e:
+            raise BadRequest(field, f"not valid JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise BadRequest(field, "a JSON Schema must be a JSON object")
+    return StructuredOutput(**{kind: text})
+
+
+def constraint_field(req: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The field that gave the request's output constraint (checked by ``structured_output``
+    before), for an error the engine raises about it."""
+    given = _constraints(req)
+    return given[0][0] if given else None

@@ -220,6 +220,10 @@ class LLMServicer(pb_grpc.LLMServicer):
             startup=_startup_stats(stats["startup"]),
             expert_tokens=stats.get("expert_tokens", []),
             expert_load_imbalance=stats.get("expert_load_imbalance", 0.0),
+            spec_draft_tokens=stats.get("spec_draft_tokens", 0),
+            spec_accepted_tokens=stats.get("spec_accepted_tokens", 0),
+            spec_acceptance_rate=stats.get("spec_acceptance_rate", 0.0),
+            spec_tokens_per_step=stats.get("spec_tokens_per_step", 0.0),
         )
 
 

@@ -9,13 +9,17 @@ function every front end uses.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from collections.abc import Sequence
 
 import grpc
 
 from jaxllm.chat import chat_prompt_ids
 from jaxllm.engine import Engine
+from jaxllm.engine_config import EngineConfig
 from jaxllm.sampling import MAX_LOGPROBS, SamplingParams
+from jaxllm.structured import StructuredOutput
 from jaxllm.tokenizer import Tokenizer
 from serve.config import ServeConfig
 from serve.proto import jaxllm_pb2 as pb
@@ -49,14 +53,34 @@ def validate(
     if len(request.request_id) > _MAX_REQUEST_ID_CHARS:
         raise InvalidRequest("request_id", f"longer than {_MAX_REQUEST_ID_CHARS} characters")
     n = check_n(request.n or 1)
-    params = sampling_params(request.sampling, engine, config)
+    params = sampling_params(
+        request.sampling, engine.config, engine.runner.config.vocab_size, config
+    )
     prompt_ids = _prompt_ids(request, engine, tokenizer)
     try:
         prompt_ids = engine.check(prompt_ids, params)
     except ValueError as e:
-        field = "sampling.max_tokens" if "max_tokens" in str(e) else "prompt"
+        if refused_for_constraint(engine, prompt_ids, params):
+            kind = request.sampling.structured.WhichOneof("constraint")
+            field = f"sampling.structured.{kind}"
+        else:
+            field = "sampling.max_tokens" if "max_tokens" in str(e) else "prompt"
         raise InvalidRequest(field, str(e)) from None
     return Validated(prompt_ids, params, request.request_id, n)
+
+
+def refused_for_constraint(
+    engine: Engine, prompt_ids: Sequence[int], params: SamplingParams
+) -> bool:
+    """Whether ``engine.check`` refused a request for its output constraint (a schema it
+    cannot compile): the same request without one passes. Asked only once it refused."""
+    if params.structured is None:
+        return False
+    try:
+        engine.check(prompt_ids, dataclasses.replace(params, structured=None))
+    except ValueError:
+        return False
+    return True
 
 
 def check_n(n: int) -> int:
@@ -124,7 +148,11 @@ def _logprobs(wanted: bool, k: int, field: str) -> int | None:
     return k if wanted or k > 0 else None
 
 
-def sampling_params(s: pb.SamplingParams, engine: Engine, config: ServeConfig) -> SamplingParams:
+def sampling_params(
+    s: pb.SamplingParams, engine_config: EngineConfig, vocab: int, config: ServeConfig
+) -> SamplingParams:
+    """The engine's SamplingParams for ``s``, checked against the engine's options and the
+    server's limits; raises InvalidRequest naming the field."""
     logprobs = _logprobs(s.logprobs, s.num_logprobs, "sampling.num_logprobs")
     prompt_logprobs = _logprobs(
         s.prompt_logprobs, s.num_prompt_logprobs, "sampling.num_prompt_logprobs"
@@ -133,7 +161,7 @@ def sampling_params(s: pb.SamplingParams, engine: Engine, config: ServeConfig) -
         raise InvalidRequest(
             "sampling.max_tokens", f"must be >= 0 (0 = default), got {s.max_tokens}"
         )
-    context = engine.config.max_seq_len
+    context = engine_config.max_seq_len
     max_tokens = s.max_tokens or min(config.default_max_tokens, context - 1)
     for name in ("temperature", "top_p", "min_p"):
         value = getattr(s, name)
@@ -149,9 +177,16 @@ def sampling_params(s: pb.SamplingParams, engine: Engine, config: ServeConfig) -
         raise InvalidRequest(
             "sampling.stop_token_ids", f"more than {config.max_stop_token_ids} stop token ids"
         )
-    vocab = engine.runner.config.vocab_size
     if not all(0 <= t < vocab for t in s.stop_token_ids):
         raise InvalidRequest("sampling.stop_token_ids", f"token ids must be in [0, {vocab})")
+    speculative = s.speculative if s.HasField("speculative") else None
+    if speculative and engine_config.speculative is None:
+        raise InvalidRequest(
+            "sampling.speculative",
+            "this server runs no speculative decoding (start it with --speculative ngram or "
+            "draft); send false or leave it unset",
+        )
+    structured = structured_output(s, config.max_structured_chars)
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -165,7 +200,39 @@ def sampling_params(s: pb.SamplingParams, engine: Engine, config: ServeConfig) -
             ignore_eos=s.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured=structured,
+            speculative=speculative,
         )
     except ValueError as e:
         # SamplingParams names the offending field first ("top_p must be in ...").
         raise InvalidRequest(f"sampling.{str(e).split()[0]}", str(e)) from None
+
+
+def structured_output(s: pb.SamplingParams, max_chars: int) -> StructuredOutput | None:
+    """``s.structured`` as the engine takes it (None: unset, free text), or InvalidRequest
+    naming the field. Whether the engine can compile it, ``Engine.check`` says."""
+    if not s.HasField("structured"):
+        return None
+    kind = s.structured.WhichOneof("constraint")
+    if kind is None:
+        raise InvalidRequest(
+            "sampling.structured", "set one of json_schema, json_object, regex or grammar"
+        )
+    field, value = f"sampling.structured.{kind}", getattr(s.structured, kind)
+    if kind == "json_object":
+        if not value:
+            raise InvalidRequest(field, "must be true (leave structured unset for free text)")
+        return StructuredOutput(json_object=True)
+    if len(value) > max_chars:
+        raise InvalidRequest(
+            field,
+            f"{len(value)} characters, more than the server's max_structured_chars ({max_chars})",
+        )
+    if kind == "json_schema":
+        try:
+            schema = json.loads(value)
+        except ValueError as e:
+            raise InvalidRequest(field, f"not valid JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequest(field, "a JSON Schema must be a JSON object")
+    return StructuredOutput(**{kind: value})

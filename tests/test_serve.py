@@ -354,8 +354,12 @@ def test_metrics_cover_latency_tokens_and_start_up(server, client):
     assert m['jaxllm_startup_seconds{phase="compile"}'] > 0
     programs = m['jaxllm_startup_programs{source="compiled"}']
     programs += m['jaxllm_startup_programs{source="cache"}']
-    startup = client.stats().startup
+    stats = client.stats()
+    startup = stats.startup
     assert programs == startup.programs_compiled + startup.programs_cached > 0
+    # This server does not speculate: its figures are there, at 0.
+    assert stats.spec_draft_tokens == stats.spec_accepted_tokens == 0
+    assert m["jaxllm_spec_draft_tokens_total"] == m["jaxllm_spec_tokens_per_step"] == 0
     assert startup.total_seconds >= startup.compile_seconds > 0 and startup.weight_bytes > 0
     assert m['jaxllm_requests_total{outcome="ok"}'] >= 1
     assert m['jaxllm_requests_total{outcome="invalid"}'] >= 1  # from the bad-request tests

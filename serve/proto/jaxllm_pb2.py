@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cjaxllm.proto\x12\tjaxllm.v1\"\xbe\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x14\n\x0cnum_logprobs\x18\n \x01(\x05\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x12\x1b\n\x13num_prompt_logprobs\x18\r \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.jaxllm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\t\n\x01n\x18\x05 \x01(\x05\x12(\n\x08messages\x18\x06 \x03(\x0b\x32\x16.jaxllm.v1.ChatMessage\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jaxllm.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xeb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.jaxllm.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.jaxllm.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x17.jaxllm.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\x05\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\x8d\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tmax_slots\x18\x08 \x01(\x05\x12\x11\n\tmax_queue\x18\t \x01(\x05\x12\x12\n\nnum_params\x18\n \x01(\x03\x12\x10\n\x08kv_pages\x18\x0b \x01(\x05\x12\x11\n\tpage_size\x18\x0c \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\r \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xd0\x02\n\x0bServerStats\x12\x14\n\x0cslots_in_use\x18\x01 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x02\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x15\n\rkv_pages_used\x18\x06 \x01(\x05\x12\x17\n\x0fkv_pages_cached\x18\x07 \x01(\x05\x12\x15\n\rkv_pages_free\x18\x08 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x02\x12\x13\n\x0bpreemptions\x18\n \x01(\x03\x12(\n\x07startup\x18\x0b \x01(\x0b\x32\x17.jaxllm.v1.StartupStats\x12\x15\n\rexpert_tokens\x18\x0c \x03(\x03\x12\x1d\n\x15\x65xpert_load_imbalance\x18\r \x01(\x02\"\xd4\x01\n\x0cStartupStats\x12\x14\n\x0cread_seconds\x18\x01 \x01(\x02\x12\x15\n\rplace_seconds\x18\x02 \x01(\x02\x12\x17\n\x0f\x63ompile_seconds\x18\x03 \x01(\x02\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x02\x12\x19\n\x11programs_compiled\x18\x05 \x01(\x05\x12\x17\n\x0fprograms_cached\x18\x06 \x01(\x05\x12\x1d\n\x15\x63ompilation_cache_dir\x18\x07 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x03\x32\x97\x02\n\x03LLM\x12\x45\n\x08Generate\x12\x1a.jaxllm.v1.GenerateRequest\x1a\x1b.jaxllm.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jaxllm.v1.TokenizeRequest\x1a\x1b.jaxllm.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.jaxllm.v1.GetModelInfoRequest\x1a\x14.jaxllm.v1.ModelInfo\x12>\n\x08GetStats\x12\x1a.jaxllm.v1.GetStatsRequest\x1a\x16.jaxllm.v1.ServerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cjaxllm.proto\x12\tjaxllm.v1\"\x99\x03\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x14\n\x0cnum_logprobs\x18\n \x01(\x05\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x12\x1b\n\x13num_prompt_logprobs\x18\r \x01(\x05\x12/\n\nstructured\x18\x0e \x01(\x0b\x32\x1b.jaxllm.v1.StructuredOutput\x12\x18\n\x0bspeculative\x18\x0f \x01(\x08H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0e\n\x0c_speculative\"r\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x0c\n\nconstraint\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.jaxllm.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\t\n\x01n\x18\x05 \x01(\x05\x12(\n\x08messages\x18\x06 \x03(\x0b\x32\x16.jaxllm.v1.ChatMessage\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jaxllm.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xeb\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.jaxllm.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.jaxllm.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x17.jaxllm.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\x05\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\x8d\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tmax_slots\x18\x08 \x01(\x05\x12\x11\n\tmax_queue\x18\t \x01(\x05\x12\x12\n\nnum_params\x18\n \x01(\x03\x12\x10\n\x08kv_pages\x18\x0b \x01(\x05\x12\x11\n\tpage_size\x18\x0c \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\r \x01(\x03\"\x11\n\x0fGetStatsRequest\"\xc5\x03\n\x0bServerStats\x12\x14\n\x0cslots_in_use\x18\x01 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x02\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x15\n\rkv_pages_used\x18\x06 \x01(\x05\x12\x17\n\x0fkv_pages_cached\x18\x07 \x01(\x05\x12\x15\n\rkv_pages_free\x18\x08 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x02\x12\x13\n\x0bpreemptions\x18\n \x01(\x03\x12(\n\x07startup\x18\x0b \x01(\x0b\x32\x17.jaxllm.v1.StartupStats\x12\x15\n\rexpert_tokens\x18\x0c \x03(\x03\x12\x1d\n\x15\x65xpert_load_imbalance\x18\r \x01(\x02\x12\x19\n\x11spec_draft_tokens\x18\x0e \x01(\x03\x12\x1c\n\x14spec_accepted_tokens\x18\x0f \x01(\x03\x12\x1c\n\x14spec_acceptance_rate\x18\x10 \x01(\x02\x12\x1c\n\x14spec_tokens_per_step\x18\x11 \x01(\x02\"\xd4\x01\n\x0cStartupStats\x12\x14\n\x0cread_seconds\x18\x01 \x01(\x02\x12\x15\n\rplace_seconds\x18\x02 \x01(\x02\x12\x17\n\x0f\x63ompile_seconds\x18\x03 \x01(\x02\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x02\x12\x19\n\x11programs_compiled\x18\x05 \x01(\x05\x12\x17\n\x0fprograms_cached\x18\x06 \x01(\x05\x12\x1d\n\x15\x63ompilation_cache_dir\x18\x07 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x03\x32\x97\x02\n\x03LLM\x12\x45\n\x08Generate\x12\x1a.jaxllm.v1.GenerateRequest\x1a\x1b.jaxllm.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jaxllm.v1.TokenizeRequest\x1a\x1b.jaxllm.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.jaxllm.v1.GetModelInfoRequest\x1a\x14.jaxllm.v1.ModelInfo\x12>\n\x08GetStats\x12\x1a.jaxllm.v1.GetStatsRequest\x1a\x16.jaxllm.v1.ServerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxllm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=28
-  _globals['_SAMPLINGPARAMS']._serialized_end=346
-  _globals['_CHATMESSAGE']._serialized_start=348
-  _globals['_CHATMESSAGE']._serialized_end=392
-  _globals['_GENERATEREQUEST']._serialized_start=395
-  _globals['_GENERATEREQUEST']._serialized_end=565
-  _globals['_TOPLOGPROB']._serialized_start=567
-  _globals['_TOPLOGPROB']._serialized_end=614
-  _globals['_TOKENLOGPROB']._serialized_start=616
-  _globals['_TOKENLOGPROB']._serialized_end=701
-  _globals['_USAGE']._serialized_start=703
-  _globals['_USAGE']._serialized_end=760
-  _globals['_GENERATERESPONSE']._serialized_start=763
-  _globals['_GENERATERESPONSE']._serialized_end=998
-  _globals['_TOKENIZEREQUEST']._serialized_start=1000
-  _globals['_TOKENIZEREQUEST']._serialized_end=1059
-  _globals['_TOKENIZERESPONSE']._serialized_start=1061
-  _globals['_TOKENIZERESPONSE']._serialized_end=1098
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1100
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1121
-  _globals['_MODELINFO']._serialized_start=1124
-  _globals['_MODELINFO']._serialized_end=1393
-  _globals['_GETSTATSREQUEST']._serialized_start=1395
-  _globals['_GETSTATSREQUEST']._serialized_end=1412
-  _globals['_SERVERSTATS']._serialized_start=1415
-  _globals['_SERVERSTATS']._serialized_end=1751
-  _globals['_STARTUPSTATS']._serialized_start=1754
-  _globals['_STARTUPSTATS']._serialized_end=1966
-  _globals['_LLM']._serialized_start=1969
-  _globals['_LLM']._serialized_end=2248
+  _globals['_SAMPLINGPARAMS']._serialized_end=437
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=439
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=553
+  _globals['_CHATMESSAGE']._serialized_start=555
+  _globals['_CHATMESSAGE']._serialized_end=599
+  _globals['_GENERATEREQUEST']._serialized_start=602
+  _globals['_GENERATEREQUEST']._serialized_end=772
+  _globals['_TOPLOGPROB']._serialized_start=774
+  _globals['_TOPLOGPROB']._serialized_end=821
+  _globals['_TOKENLOGPROB']._serialized_start=823
+  _globals['_TOKENLOGPROB']._serialized_end=908
+  _globals['_USAGE']._serialized_start=910
+  _globals['_USAGE']._serialized_end=967
+  _globals['_GENERATERESPONSE']._serialized_start=970
+  _globals['_GENERATERESPONSE']._serialized_end=1205
+  _globals['_TOKENIZEREQUEST']._serialized_start=1207
+  _globals['_TOKENIZEREQUEST']._serialized_end=1266
+  _globals['_TOKENIZERESPONSE']._serialized_start=1268
+  _globals['_TOKENIZERESPONSE']._serialized_end=1305
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1307
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1328
+  _globals['_MODELINFO']._serialized_start=1331
+  _globals['_MODELINFO']._serialized_end=1600
+  _globals['_GETSTATSREQUEST']._serialized_start=1602
+  _globals['_GETSTATSREQUEST']._serialized_end=1619
+  _globals['_SERVERSTATS']._serialized_start=1622
+  _globals['_SERVERSTATS']._serialized_end=2075
+  _globals['_STARTUPSTATS']._serialized_start=2078
+  _globals['_STARTUPSTATS']._serialized_end=2290
+  _globals['_LLM']._serialized_start=2293
+  _globals['_LLM']._serialized_end=2572
 # @@protoc_insertion_point(module_scope)
