@@ -52,6 +52,7 @@ from jaxllm.scheduler import Sequence as SchedSequence
 from jaxllm.scoring import PromptScorer
 from jaxllm.speculative import Drafter, DraftModelDrafter, NgramDrafter
 from jaxllm.startup import StartupReport
+from jaxllm.structured import GrammarCompiler, StructuredOutput, mask_words
 from jaxllm.tokenizer import Tokenizer
 
 __all__ = ["CompileCounter", "Engine", "EngineConfig"]
@@ -111,6 +112,13 @@ class Engine:
             max_draft_rows=SPECULATIVE_MAX_ROWS,
         )
         self._step = step.StepFunction(runner, config, self.pool)
+        # Structured output: grammars compiled on first use (building the grammar engine's
+        # view of the vocabulary takes a moment), and the tokens each constrained request
+        # sampled that its matcher has yet to consume (they are consumed, and the next masks
+        # computed, while the device runs the following step's model call).
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
+        self._unconsumed: list[tuple[Request, int]] = []
         self._scorer = PromptScorer(runner, config.max_seq_len, config.kv_cache_dtype)
         self._intake = Intake()  # submitted, not yet given to the scheduler (under _wake)
         self._wake = threading.Condition()
@@ -234,6 +242,9 @@ class Engine:
                 "speculative=True, but this engine has no speculative method configured "
                 "(engine option speculative='ngram' or 'draft')"
             )
+        if params.structured is not None and self.mirror is not None:
+            # The masks are computed after the step is sent to the other processes.
+            raise ValueError("structured output is not supported on a multi-host mesh")
         if params.prompt_logprobs is not None and self.mirror is not None:
             # The scoring pass is not replayed by the other processes of a multi-host mesh.
             raise ValueError("prompt_logprobs are not supported on a multi-host mesh")
@@ -250,6 +261,8 @@ class Engine:
         output = RequestOutput(self.tokenizer, params, prompt_ids)
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, output, seed, on_update)
+        if params.structured is not None:  # compiled (and cached) by check
+            request.matcher = self.grammar(params.structured).matcher()
         return SchedSequence(
             id=request_id,
             tokens=list(prompt_ids),
@@ -277,7 +290,16 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context of {context} tokens; lower max_tokens to at most {context - len(ids)}"
             )
+        if params.structured is not None:
+            self.grammar(params.structured)  # ValueError if it cannot be compiled
         return ids
+
+    def grammar(self, spec: StructuredOutput):
+        """``spec`` compiled for this model (cached); ValueError if it cannot be."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.runner.config.vocab_size)
+        return self._grammars.compile(spec)
 
     @property
     def running(self) -> int:
@@ -397,10 +419,11 @@ class Engine:
 
     # -- the device call: the engine thread makes it; a multi-host follower replays it -----
 
-    def run_step(self, inp: step.StepInput) -> Sampled:
+    def run_step(self, inp: step.StepInput, masks=None) -> Sampled:
+        """One step; ``masks``: see ``StepFunction.__call__`` (never on a multi-host mesh)."""
         if self.mirror is not None:
             self.mirror.step(inp)
-        sampled, self.pool, load = self._step(self.runner.params, self.pool, inp)
+        sampled, self.pool, load = self._step(self.runner.params, self.pool, inp, masks)
         if self.expert_tokens is not None:  # [L, E]: small, and the step is done by now
             self.expert_tokens += np.asarray(load, np.int64)
         return sampled
@@ -437,9 +460,9 @@ class Engine:
         if self.drafter is not None:
             self.drafter.propose(plan)
         inp = step.build(plan, self.config, self.num_pages)
-        out = self.run_step(inp)
-        sampled = np.asarray(out.tokens).tolist()
         Sd, Sp, Q = inp.shape
+        out = self.run_step(inp, lambda: self._masks(plan, inp))
+        sampled = np.asarray(out.tokens).tolist()
         # Logprobs cross to the host only when some row asked for them.
         rows = None
         if inp.sampling.logprobs.any():
@@ -461,12 +484,38 @@ class Engine:
         handoff = []
         for seq, token, offset in new:
             request, extra = seq.payload, None
+            if request.matcher is not None:
+                self._unconsumed.append((request, token))
             if rows is not None and request.output.params.logprobs is not None:
                 row = row_of[seq] + offset
                 extra = (float(rows[0][row]), rows[1][row], rows[2][row])
             handoff.append((request, token, extra))
         self._handoff.put(handoff)
         return True
+
+    def _masks(self, plan, inp: step.StepInput) -> np.ndarray | None:
+        """The allowed-token bits of each sampler row of a step (None: no row constrained),
+        after the constrained requests' matchers consume the tokens of the step before (on
+        the engine thread, while the device runs this step's model call). A constrained
+        sequence never drafts, so its row samples at offset 0."""
+        for request, token in self._unconsumed:
+            if not request.done:
+                try:
+                    request.matcher.advance(token)
+                except ValueError as e:  # a token the mask forbade: a bug of ours
+                    log.exception("structured output of request %s failed", request.id)
+                    request._finish("error", e)
+        self._unconsumed.clear()
+        Sd, Sp, Q = inp.shape
+        rows = [(seq, i * Q) for i, seq in enumerate(plan.decodes)]
+        rows += [(c.seq, Sd * Q + i) for i, c in enumerate(plan.prefills) if c.samples]
+        rows = [(seq.payload.matcher, row) for seq, row in rows if seq.payload.matcher]
+        if not rows:
+            return None
+        words = mask_words(self.runner.config.vocab_size)
+        masks = np.full((inp.sample_step.shape[0], words), -1, np.int32)
+        self._grammars.fill_masks(rows, masks)
+        return masks
 
     def _score_prompts(self) -> None:
         """Fills the prompt logprobs of requests that asked, then queues them (engine thread)."""

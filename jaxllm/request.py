@@ -37,6 +37,9 @@ class Request:
         self._pieces: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._done = threading.Event()
         self.error: BaseException | None = None
+        # Structured output: where the text is in its grammar (``jaxllm.structured``; the
+        # engine thread's alone); None for free text.
+        self.matcher = None
         # Called from the engine's threads after every new token and at the finish, so an
         # asyncio server can be woken (loop.call_soon_threadsafe) instead of polling.
         self._on_update = on_update

@@ -65,7 +65,9 @@ class RequestOutput:
         self._held = ""  # decoded but not yet emitted: might be the start of a stop string
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
+        # Structured output ends at EOS whatever ignore_eos says: once the text is complete
+        # its grammar allows nothing else.
+        if not params.ignore_eos or params.structured is not None:
             self.stop_ids |= set(tokenizer.eos_ids)
 
     @property

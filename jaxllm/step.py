@@ -28,6 +28,7 @@ from jaxllm.kv_cache import KVPool
 from jaxllm.runtime import ModelRunner
 from jaxllm.sampling import Sampled, SamplingArrays, SamplingParams, sample_with_logprobs
 from jaxllm.scheduler import Sequence, StepPlan
+from jaxllm.structured import apply_mask, mask_words
 
 _GREEDY = SamplingParams(temperature=0.0)
 # Decode rows that share one attention loop. Rows are independent, so a group is only a
@@ -202,30 +203,51 @@ class StepFunction:
             out_shardings=(replicated, pool_shardings, replicated),
         )
         self._sample = jax.jit(sample_with_logprobs, out_shardings=replicated)
+        self._sample_masked = jax.jit(_sample_masked, out_shardings=replicated)
         self._compiled: dict[str, jax.stages.Compiled] = {}
 
-    def __call__(self, params, pool: KVPool, inp: StepInput) -> tuple[Sampled, KVPool, jax.Array]:
+    def __call__(
+        self,
+        params,
+        pool: KVPool,
+        inp: StepInput,
+        masks: Callable[[], np.ndarray | None] | None = None,
+    ) -> tuple[Sampled, KVPool, jax.Array]:
         """The step's draws, the updated pool, and the step's tokens routed to each expert
-        of each layer (``[L, E]``; ``[L, 0]`` for a dense model)."""
+        of each layer (``[L, E]``; ``[L, 0]`` for a dense model). ``masks()``, called once the
+        model's call is dispatched (so the host computes it while the device runs), gives
+        the tokens each sampler row may draw (``jaxllm.structured``: ``[Rs, W]`` bits), or
+        None when no row is constrained (the sampler then is the unmasked one)."""
+        rows = inp.sample_step.shape[0]
         model = self._compiled.get(program_name(inp.shape), self._model)
-        sample = self._compiled.get(f"sampler-{inp.sample_step.shape[0]}", self._sample)
         logits, pool, load = model(params, pool, inp._replace(sampling=None, sample_step=None))
-        return sample(logits, inp.sampling, inp.sample_step), pool, load
+        allowed = masks() if masks is not None else None
+        if allowed is None:
+            sample = self._compiled.get(f"sampler-{rows}", self._sample)
+            return sample(logits, inp.sampling, inp.sample_step), pool, load
+        sample = self._compiled.get(f"sampler-masked-{rows}", self._sample_masked)
+        return sample(logits, allowed, inp.sampling, inp.sample_step), pool, load
 
     def lowerings(
         self, params, pool: KVPool, inp: StepInput
     ) -> dict[str, Callable[[], jax.stages.Lowered]]:
-        """The two programs a call with ``inp``'s shapes runs, by name, each as a function
-        that lowers it (for compiling ahead of time at warm-up). Shapes that share a sampler
-        bucket share its name."""
+        """The programs a call with ``inp``'s shapes runs (the model; the sampler, unmasked
+        and masked), by name, each as a function that lowers it (for compiling ahead of time
+        at warm-up). Shapes that share a sampler bucket share its names."""
         rows = inp.sample_step.shape[0]
         logits = jax.ShapeDtypeStruct(
             (rows, self.runner.config.vocab_size), jnp.float32, sharding=self._replicated
         )
+        words = mask_words(self.runner.config.vocab_size)
+        masks = jax.ShapeDtypeStruct((rows, words), jnp.int32)
         model_inp = inp._replace(sampling=None, sample_step=None)
+        sampling, step = inp.sampling, inp.sample_step
         return {
             program_name(inp.shape): lambda: self._model.lower(params, pool, model_inp),
-            f"sampler-{rows}": lambda: self._sample.lower(logits, inp.sampling, inp.sample_step),
+            f"sampler-{rows}": lambda: self._sample.lower(logits, sampling, step),
+            f"sampler-masked-{rows}": lambda: self._sample_masked.lower(
+                logits, masks, sampling, step
+            ),
         }
 
     def use(self, compiled: dict[str, jax.stages.Compiled]) -> None:
@@ -269,3 +291,9 @@ class StepFunction:
         R = inp.logit_index.shape[0]
         rows = padding.bucket_for(R, self.config.sampler_rows)
         return jnp.pad(logits, ((0, rows - R), (0, 0))), pool, load
+
+
+def _sample_masked(logits, masks, sampling: SamplingArrays, sample_step) -> Sampled:
+    """``sample_with_logprobs`` over the tokens ``masks`` allow (structured output); the
+    logprobs are those of the distribution drawn from, the disallowed tokens' -inf."""
+    return sample_with_logprobs(apply_mask(logits, masks), sampling, sample_step)
