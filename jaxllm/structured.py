@@ -46,7 +46,12 @@ _LIMITS = dict(
 )
 # JSON may put whitespace between tokens, as json.dumps(indent=...) does, but at most 32
 # characters in a row: a model stuck on newlines must still make progress.
-_JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
+# JSON is written compactly, as ``json.dumps`` does (", " and ": ", no other whitespace):
+# measured on the demo model at temperature 1.0 with 200 tokens, 40 samples per schema of
+# tests/data/schemas.json, whitespace allowed between tokens (even capped at 32 characters)
+# let the model spend its tokens on newlines: 10, 1 and 27 of 40 parsed; compact: 40 of 40
+# for each, in at most 149 tokens. A schema's own "x-guidance" options override this.
+_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclasses.dataclass(frozen=True)
