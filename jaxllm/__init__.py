@@ -11,6 +11,7 @@ from jaxllm.hf_checkpoint import CheckpointError
 from jaxllm.llm import LLM, Completion
 from jaxllm.request_output import TokenLogprob
 from jaxllm.sampling import SamplingParams
+from jaxllm.structured import StructuredOutput
 from jaxllm.tokenizer import Tokenizer
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "EngineConfig",
     "ModelConfig",
     "SamplingParams",
+    "StructuredOutput",
     "TokenLogprob",
     "Tokenizer",
 ]
