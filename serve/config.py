@@ -99,6 +99,11 @@ class ServeConfig:
             raise ValueError("peer_timeout_s must be > 0 and lockstep_port in [0, 65536)")
         # An incomplete or inconsistent process set-up fails here, before anything starts.
         DistributedConfig(self.coordinator, self.num_processes, self.process_id, self.distributed)
+        several = self.distributed or self.coordinator is not None or (self.num_processes or 1) > 1
+        if several and self.engine.get("speculative") == "draft":
+            # The draft model's steps are not mirrored to the other processes (n-gram drafts
+            # travel inside the step's inputs, so they are).
+            raise ValueError("speculative: draft runs on one process only; use ngram")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ServeConfig:

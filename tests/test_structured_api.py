@@ -252,6 +252,11 @@ def test_speculative_flags_and_yaml_reach_the_engine_config(tmp_path):
     assert (engine.speculative, engine.num_speculative_tokens) == ("ngram", 2)
     with pytest.raises(ValueError, match="draft_model"):
         cli.serve_config(parse(["serve", "--speculative", "draft"]))
+    # A draft model's steps are not mirrored to other processes: refused before start.
+    several = ["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"]
+    with pytest.raises(ValueError, match="one process only"):
+        cli.serve_config(parse([*args, "3", *several]))
+    assert cli.serve_config(parse(["serve", "--speculative", "ngram", *several])).engine
 
 
 def _scrape(stats: dict) -> dict[str, float]:
