@@ -16,6 +16,13 @@ thread before the request is scheduled. ``submit_many`` (n > 1) holds choices 1.
 until choice 0 has computed its prompt, so they start from its cached pages. Both wait in
 ``jaxllm.intake`` until the scheduler may have them.
 
+Speculative decoding (``jaxllm.speculative``, off by default): the scheduler holds pages for
+each decode's drafts, the drafter fills them in before the step is built, and the step
+verifies them (``Scheduler.update`` keeps what the model's own draws agree with). Structured
+output (``jaxllm.structured``): a request's constraint is compiled when it is checked; each
+step, the masks of the constrained rows are computed while the device runs the model's call
+and applied by the sampler.
+
 A request's state changes only on the engine thread; ``Request.cancel`` from any thread just
 marks it, and the next step frees its pages. If the engine thread dies, every queued and
 running request fails at once with the error and ``failure`` is set (the server's health
@@ -52,7 +59,7 @@ from jaxllm.scheduler import Sequence as SchedSequence
 from jaxllm.scoring import PromptScorer
 from jaxllm.speculative import Drafter, DraftModelDrafter, NgramDrafter
 from jaxllm.startup import StartupReport
-from jaxllm.structured import GrammarCompiler, StructuredOutput, mask_words
+from jaxllm.structured import Constraints
 from jaxllm.tokenizer import Tokenizer
 
 __all__ = ["CompileCounter", "Engine", "EngineConfig"]
@@ -112,13 +119,7 @@ class Engine:
             max_draft_rows=SPECULATIVE_MAX_ROWS,
         )
         self._step = step.StepFunction(runner, config, self.pool)
-        # Structured output: grammars compiled on first use (building the grammar engine's
-        # view of the vocabulary takes a moment), and the tokens each constrained request
-        # sampled that its matcher has yet to consume (they are consumed, and the next masks
-        # computed, while the device runs the following step's model call).
-        self._grammars: GrammarCompiler | None = None
-        self._grammars_lock = threading.Lock()
-        self._unconsumed: list[tuple[Request, int]] = []
+        self.constraints = Constraints(tokenizer, runner.config.vocab_size)
         self._scorer = PromptScorer(runner, config.max_seq_len, config.kv_cache_dtype)
         self._intake = Intake()  # submitted, not yet given to the scheduler (under _wake)
         self._wake = threading.Condition()
@@ -262,7 +263,7 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         request = Request(request_id, prompt_ids, output, seed, on_update)
         if params.structured is not None:  # compiled (and cached) by check
-            request.matcher = self.grammar(params.structured).matcher()
+            request.matcher = self.constraints.grammar(params.structured).matcher()
         return SchedSequence(
             id=request_id,
             tokens=list(prompt_ids),
@@ -291,15 +292,8 @@ class Engine:
                 f"context of {context} tokens; lower max_tokens to at most {context - len(ids)}"
             )
         if params.structured is not None:
-            self.grammar(params.structured)  # ValueError if it cannot be compiled
+            self.constraints.grammar(params.structured)  # ValueError if it cannot be compiled
         return ids
-
-    def grammar(self, spec: StructuredOutput):
-        """``spec`` compiled for this model (cached); ValueError if it cannot be."""
-        with self._grammars_lock:
-            if self._grammars is None:
-                self._grammars = GrammarCompiler(self.tokenizer, self.runner.config.vocab_size)
-        return self._grammars.compile(spec)
 
     @property
     def running(self) -> int:
@@ -485,7 +479,7 @@ class Engine:
         for seq, token, offset in new:
             request, extra = seq.payload, None
             if request.matcher is not None:
-                self._unconsumed.append((request, token))
+                self.constraints.sampled(request, token)
             if rows is not None and request.output.params.logprobs is not None:
                 row = row_of[seq] + offset
                 extra = (float(rows[0][row]), rows[1][row], rows[2][row])
@@ -494,28 +488,12 @@ class Engine:
         return True
 
     def _masks(self, plan, inp: step.StepInput) -> np.ndarray | None:
-        """The allowed-token bits of each sampler row of a step (None: no row constrained),
-        after the constrained requests' matchers consume the tokens of the step before (on
-        the engine thread, while the device runs this step's model call). A constrained
-        sequence never drafts, so its row samples at offset 0."""
-        for request, token in self._unconsumed:
-            if not request.done:
-                try:
-                    request.matcher.advance(token)
-                except ValueError as e:  # a token the mask forbade: a bug of ours
-                    log.exception("structured output of request %s failed", request.id)
-                    request._finish("error", e)
-        self._unconsumed.clear()
+        """The step's allowed-token masks (``jaxllm.structured``), computed while the device
+        runs its model call. A constrained sequence never drafts: it samples at offset 0."""
         Sd, Sp, Q = inp.shape
-        rows = [(seq, i * Q) for i, seq in enumerate(plan.decodes)]
-        rows += [(c.seq, Sd * Q + i) for i, c in enumerate(plan.prefills) if c.samples]
-        rows = [(seq.payload.matcher, row) for seq, row in rows if seq.payload.matcher]
-        if not rows:
-            return None
-        words = mask_words(self.runner.config.vocab_size)
-        masks = np.full((inp.sample_step.shape[0], words), -1, np.int32)
-        self._grammars.fill_masks(rows, masks)
-        return masks
+        rows = [(seq.payload, i * Q) for i, seq in enumerate(plan.decodes)]
+        rows += [(c.seq.payload, Sd * Q + i) for i, c in enumerate(plan.prefills) if c.samples]
+        return self.constraints.masks(rows, inp.sample_step.shape[0])
 
     def _score_prompts(self) -> None:
         """Fills the prompt logprobs of requests that asked, then queues them (engine thread)."""

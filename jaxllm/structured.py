@@ -23,8 +23,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import llguidance as llg
@@ -32,6 +34,11 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxllm.tokenizer import Tokenizer, _HFBackend, _SentencePiece
+
+if TYPE_CHECKING:
+    from jaxllm.request import Request
+
+log = logging.getLogger(__name__)
 
 MAX_SPEC_BYTES = 64 * 1024  # a larger schema, regex or grammar is refused before compiling
 # llguidance's resource limits: compiling a grammar and computing one mask stay within tens
@@ -211,6 +218,49 @@ class GrammarCompiler:
         if matcher.is_error():
             raise ValueError(f"invalid {what}: {matcher.get_error()}")
         return matcher
+
+
+class Constraints:
+    """An engine's structured output: its grammars (the compiler is built on first use, as
+    reading the vocabulary takes a moment), and the tokens constrained requests sampled that
+    their matchers have yet to consume. The engine thread consumes them, and computes the
+    next masks, while the device runs the following step's model call (``masks``)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._compiler: GrammarCompiler | None = None
+        self._lock = threading.Lock()
+        self._unconsumed: list[tuple[Request, int]] = []
+
+    def grammar(self, spec: StructuredOutput) -> Grammar:
+        """``spec`` compiled (cached); ValueError if it cannot be. Any thread."""
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
+        return self._compiler.compile(spec)
+
+    def sampled(self, request: Request, token: int) -> None:
+        """``request`` (which has a matcher) sampled ``token``. Engine thread."""
+        self._unconsumed.append((request, token))
+
+    def masks(self, rows: Sequence[tuple[Request, int]], num_rows: int) -> np.ndarray | None:
+        """The allowed-token bits of ``num_rows`` sampler rows (all set where no constrained
+        request samples), ``rows`` giving each request's row; None if none is constrained.
+        First the matchers consume what was sampled since the last call. Engine thread."""
+        for request, token in self._unconsumed:
+            if not request.done:
+                try:
+                    request.matcher.advance(token)
+                except ValueError as e:  # a token its mask forbade: a bug of ours
+                    log.exception("structured output of request %s failed", request.id)
+                    request._finish("error", e)
+        self._unconsumed.clear()
+        rows = [(r.matcher, row) for r, row in rows if r.matcher is not None and not r.done]
+        if not rows:
+            return None
+        out = np.full((num_rows, mask_words(self.vocab_size)), -1, np.int32)
+        self._compiler.fill_masks(rows, out)
+        return out
 
 
 def _source(spec: StructuredOutput) -> tuple[str, str]:
