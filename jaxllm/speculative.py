@@ -144,8 +144,6 @@ class DraftModelDrafter(Drafter):
             if Sd in self.config.verify_buckets and (Q > 1 or Sp == 0):
                 inp = step.padding_only((Sd, Sp, Q), self.config, self.num_pages)
                 named = self._step.lowerings(self.runner.params, self.pool, inp)
-                # Drafts are greedy and never constrained: no masked sampler.
-                named = {k: v for k, v in named.items() if not k.startswith("sampler-masked")}
                 out |= {f"draft-{name}": lower for name, lower in named.items()}
         return out
 

@@ -202,8 +202,9 @@ class StepFunction:
             donate_argnames="pool",
             out_shardings=(replicated, pool_shardings, replicated),
         )
-        self._sample = jax.jit(sample_with_logprobs, out_shardings=replicated)
-        self._sample_masked = jax.jit(_sample_masked, out_shardings=replicated)
+        self._sample = jax.jit(_sample, out_shardings=replicated)
+        self._words = mask_words(runner.config.vocab_size)
+        self._free: dict[int, np.ndarray] = {}  # all-allowed masks by row count (read only)
         self._compiled: dict[str, jax.stages.Compiled] = {}
 
     def __call__(
@@ -217,36 +218,39 @@ class StepFunction:
         of each layer (``[L, E]``; ``[L, 0]`` for a dense model). ``masks()``, called once the
         model's call is dispatched (so the host computes it while the device runs), gives
         the tokens each sampler row may draw (``jaxllm.structured``: ``[Rs, W]`` bits), or
-        None when no row is constrained (the sampler then is the unmasked one)."""
+        None when no row is constrained (the sampler then skips masking)."""
         rows = inp.sample_step.shape[0]
         model = self._compiled.get(program_name(inp.shape), self._model)
         logits, pool, load = model(params, pool, inp._replace(sampling=None, sample_step=None))
         allowed = masks() if masks is not None else None
-        if allowed is None:
-            sample = self._compiled.get(f"sampler-{rows}", self._sample)
-            return sample(logits, inp.sampling, inp.sample_step), pool, load
-        sample = self._compiled.get(f"sampler-masked-{rows}", self._sample_masked)
-        return sample(logits, allowed, inp.sampling, inp.sample_step), pool, load
+        constrained = allowed is not None
+        if not constrained:
+            allowed = self._free.get(rows)
+            if allowed is None:
+                allowed = self._free[rows] = np.full((rows, self._words), -1, np.int32)
+                allowed.flags.writeable = False
+        sample = self._compiled.get(f"sampler-{rows}", self._sample)
+        sampled = sample(logits, inp.sampling, inp.sample_step, allowed, np.bool_(constrained))
+        return sampled, pool, load
 
     def lowerings(
         self, params, pool: KVPool, inp: StepInput
     ) -> dict[str, Callable[[], jax.stages.Lowered]]:
-        """The programs a call with ``inp``'s shapes runs (the model; the sampler, unmasked
-        and masked), by name, each as a function that lowers it (for compiling ahead of time
-        at warm-up). Shapes that share a sampler bucket share its names."""
+        """The two programs a call with ``inp``'s shapes runs (the model, the sampler), by
+        name, each as a function that lowers it (for compiling ahead of time at warm-up).
+        Shapes that share a sampler bucket share its name."""
         rows = inp.sample_step.shape[0]
         logits = jax.ShapeDtypeStruct(
             (rows, self.runner.config.vocab_size), jnp.float32, sharding=self._replicated
         )
-        words = mask_words(self.runner.config.vocab_size)
-        masks = jax.ShapeDtypeStruct((rows, words), jnp.int32)
+        masks = jax.ShapeDtypeStruct((rows, self._words), jnp.int32)
+        constrained = jax.ShapeDtypeStruct((), jnp.bool_)
         model_inp = inp._replace(sampling=None, sample_step=None)
         sampling, step = inp.sampling, inp.sample_step
         return {
             program_name(inp.shape): lambda: self._model.lower(params, pool, model_inp),
-            f"sampler-{rows}": lambda: self._sample.lower(logits, sampling, step),
-            f"sampler-masked-{rows}": lambda: self._sample_masked.lower(
-                logits, masks, sampling, step
+            f"sampler-{rows}": lambda: self._sample.lower(
+                logits, sampling, step, masks, constrained
             ),
         }
 
@@ -293,7 +297,10 @@ class StepFunction:
         return jnp.pad(logits, ((0, rows - R), (0, 0))), pool, load
 
 
-def _sample_masked(logits, masks, sampling: SamplingArrays, sample_step) -> Sampled:
-    """``sample_with_logprobs`` over the tokens ``masks`` allow (structured output); the
-    logprobs are those of the distribution drawn from, the disallowed tokens' -inf."""
-    return sample_with_logprobs(apply_mask(logits, masks), sampling, sample_step)
+def _sample(logits, sampling: SamplingArrays, sample_step, masks, constrained) -> Sampled:
+    """``sample_with_logprobs``, over the tokens ``masks`` allow when ``constrained``
+    (structured output: the logprobs are those of the distribution drawn from, disallowed
+    tokens -inf). One program for both: a second sampler per bucket would double the slowest
+    compiles of warm-up; a step without constrained rows skips the masking (``lax.cond``)."""
+    logits = jax.lax.cond(constrained, lambda: apply_mask(logits, masks), lambda: logits)
+    return sample_with_logprobs(logits, sampling, sample_step)
