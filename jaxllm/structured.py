@@ -87,6 +87,24 @@ class StructuredOutput:
             )
 
 
+def from_request(kind: str, text: str, max_chars: int) -> StructuredOutput:
+    """The constraint a front end was given as ``kind`` (a `StructuredOutput` field name
+    other than json_object) and ``text``; ValueError when the text is longer than
+    ``max_chars`` or a json_schema is not a JSON object (the front end names the field)."""
+    if len(text) > max_chars:
+        raise ValueError(
+            f"{len(text)} characters, more than the server's max_structured_chars ({max_chars})"
+        )
+    if kind == "json_schema":
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not valid JSON ({e})") from None
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON Schema must be a JSON object")
+    return StructuredOutput(**{kind: text})
+
+
 def mask_words(vocab_size: int) -> int:
     """int32 words of one row of the bitmask: one bit per token id."""
     return -(-vocab_size // 32)

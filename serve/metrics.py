@@ -156,25 +156,29 @@ class Speculation:
     def __init__(self, stats: Callable[[], Mapping]):
         self.stats = stats
 
+    FIGURES = (  # (kind, name, Engine.stats key, help)
+        (CounterMetricFamily, "jaxllm_spec_draft_tokens", "spec_draft_tokens", "tokens drafted"),
+        (
+            CounterMetricFamily,
+            "jaxllm_spec_accepted_tokens",
+            "spec_accepted_tokens",
+            "drafted tokens the model's own draws kept",
+        ),
+        (
+            GaugeMetricFamily,
+            "jaxllm_spec_acceptance_rate",
+            "spec_acceptance_rate",
+            "kept over drafted tokens",
+        ),
+        (
+            GaugeMetricFamily,
+            "jaxllm_spec_tokens_per_step",
+            "spec_tokens_per_step",
+            "mean tokens a verifying decode row produces (1 + kept drafts)",
+        ),
+    )
+
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
-        yield CounterMetricFamily(
-            "jaxllm_spec_draft_tokens",
-            "Speculative decoding: tokens drafted for verification",
-            value=stats.get("spec_draft_tokens", 0),
-        )
-        yield CounterMetricFamily(
-            "jaxllm_spec_accepted_tokens",
-            "Speculative decoding: drafted tokens the target model accepted",
-            value=stats.get("spec_accepted_tokens", 0),
-        )
-        yield GaugeMetricFamily(
-            "jaxllm_spec_acceptance_rate",
-            "Speculative decoding: accepted over drafted tokens",
-            value=stats.get("spec_acceptance_rate", 0),
-        )
-        yield GaugeMetricFamily(
-            "jaxllm_spec_tokens_per_step",
-            "Speculative decoding: mean tokens a sequence gains per verify step",
-            value=stats.get("spec_tokens_per_step", 0),
-        )
+        for kind, name, key, doc in self.FIGURES:
+            yield kind(name, f"Speculative decoding: {doc}", value=stats.get(key, 0))

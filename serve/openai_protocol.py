@@ -44,6 +44,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from jaxllm import structured
 from jaxllm.sampling import SamplingParams
 from jaxllm.structured import StructuredOutput
 
@@ -501,20 +502,10 @@ def structured_output(
     if kind == "json_object":
         return StructuredOutput(json_object=True)
     text = json.dumps(value) if isinstance(value, dict) else value
-    if len(text) > limits.max_structured_chars:
-        raise BadRequest(
-            field,
-            f"{len(text)} characters, more than the server's max_structured_chars "
-            f"({limits.max_structured_chars})",
-        )
-    if kind == "json_schema" and isinstance(value, str):
-        try:
-            schema = json.loads(value)
-        except ValueError as e:
-            raise BadRequest(field, f"not valid JSON ({e})") from None
-        if not isinstance(schema, dict):
-            raise BadRequest(field, "a JSON Schema must be a JSON object")
-    return StructuredOutput(**{kind: text})
+    try:
+        return structured.from_request(kind, text, limits.max_structured_chars)
+    except ValueError as e:
+        raise BadRequest(field, str(e)) from None
 
 
 def constraint_field(req: CompletionRequest | ChatCompletionRequest) -> str | None:

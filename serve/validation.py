@@ -9,12 +9,12 @@ function every front end uses.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 
 import grpc
 
+from jaxllm import structured
 from jaxllm.chat import chat_prompt_ids
 from jaxllm.engine import Engine
 from jaxllm.engine_config import EngineConfig
@@ -223,16 +223,7 @@ def structured_output(s: pb.SamplingParams, max_chars: int) -> StructuredOutput 
         if not value:
             raise InvalidRequest(field, "must be true (leave structured unset for free text)")
         return StructuredOutput(json_object=True)
-    if len(value) > max_chars:
-        raise InvalidRequest(
-            field,
-            f"{len(value)} characters, more than the server's max_structured_chars ({max_chars})",
-        )
-    if kind == "json_schema":
-        try:
-            schema = json.loads(value)
-        except ValueError as e:
-            raise InvalidRequest(field, f"not valid JSON ({e})") from None
-        if not isinstance(schema, dict):
-            raise InvalidRequest(field, "a JSON Schema must be a JSON object")
-    return StructuredOutput(**{kind: value})
+    try:
+        return structured.from_request(kind, value, max_chars)
+    except ValueError as e:
+        raise InvalidRequest(field, str(e)) from None

@@ -208,7 +208,7 @@ def test_structured_output_through_the_openai_client(server, client, reference):
     value = json.loads(got.choices[0].message.content)
     assert value["color"] in ("red", "green", "blue") and 0 <= value["n"] <= 99
     assert set(value) == {"color", "n"} and got.choices[0].finish_reason == "stop"
-    # The same constraint from the notebook API gives the same tokens (same seed).
+    # The same constraint from the notebook API gives the same tokens (greedy).
     spec = StructuredOutput(json_schema=json.dumps(SMALL_SCHEMA))
     want = reference.generate(
         reference.tokenizer.encode("The quick brown fox"),
