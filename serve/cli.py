@@ -126,6 +126,10 @@ def _cluster_info(args) -> int:
         f"{sorted(np.asarray(indices).ravel().tolist())}",
         flush=True,
     )
+    # Leave through JAX's shutdown barrier while every process is still alive: left to the
+    # interpreter's exit, process 0 can take the coordination service down while a peer is
+    # still leaving, and that peer hangs or aborts.
+    jax.distributed.shutdown()
     return 0
 
 

@@ -103,7 +103,16 @@ def test_slurm_tasks_join_through_jax_slurm_detection():
         )
         for i in range(2)
     ]
-    outputs = [task.communicate(timeout=120)[0] for task in tasks]
+    deadline = time.monotonic() + 120
+    outputs, hung = [], False
+    for task in tasks:
+        try:
+            outputs.append(task.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            hung = True
+            task.kill()  # a hung task must not outlive the test; its output is the clue
+            outputs.append(task.communicate()[0])
+    assert not hung, "\n---\n".join(output[-2000:] for output in outputs)
     for i, (task, output) in enumerate(zip(tasks, outputs, strict=True)):
         assert task.returncode == 0, output[-3000:]
         assert f"process {i} of 2: 4 local of 8 cpu devices" in output, output[-3000:]
