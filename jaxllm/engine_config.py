@@ -41,9 +41,11 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # a checkpoint path, as ``LLM.load`` takes
     # n-gram drafting: the longest suffix of this many tokens (down to the minimum) that
-    # occurred before in the sequence proposes the tokens that followed it.
+    # occurred before in the sequence proposes the tokens that followed it. Not 2 tokens:
+    # measured on text that does not repeat, 2-token matches are mostly chance and their
+    # verifying steps cost more than their kept tokens give (scripts/bench_spec.py).
     prompt_lookup_max: int = 3
-    prompt_lookup_min: int = 2
+    prompt_lookup_min: int = 3
 
     def __post_init__(self):
         kv_cache.check_dtype(self.kv_cache_dtype)

@@ -51,12 +51,22 @@ def ngram_draft(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]
     """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix
     of ``tokens`` (of ``max_n`` down to ``min_n`` tokens); [] if none occurred."""
     length = len(tokens)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        # Windows starting at 0 .. length - n - 1: every occurrence but the suffix itself.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
+    longest = min(max_n, length - 1)
+    # One scan of the history per step: earlier positions of the newest token are where an
+    # occurrence of the suffix can end; each then only needs its few preceding tokens checked.
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])
+    if longest < min_n or not len(ends):
+        return []
+    matched = np.ones(len(ends), np.int32)  # suffix tokens each candidate end matches
+    for back in range(1, longest):
+        before = ends - back
+        alive = (matched == back) & (before >= 0)
+        alive[alive] = tokens[before[alive]] == tokens[length - 1 - back]
+        matched += alive
+    for n in range(longest, min_n - 1, -1):
+        hits = np.flatnonzero(matched >= n)
         if len(hits):
-            start = hits[-1] + n
+            start = ends[hits[-1]] + 1
             return tokens[start : start + k].tolist()
     return []
 

@@ -41,6 +41,24 @@ def test_ngram_draft_proposes_what_followed_the_latest_longest_match():
     assert ngram_draft(np.array([3]), 4, 1, 3) == []
 
 
+def _draft_by_definition(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tokens[-n:]]
+        if starts:
+            return tokens[starts[-1] + n : starts[-1] + n + k]
+    return []
+
+
+def test_ngram_draft_equals_its_definition_on_random_histories():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        tokens = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 40)))
+        k, min_n = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        max_n = min_n + int(rng.integers(0, 3))
+        expected = _draft_by_definition(tokens.tolist(), k, min_n, max_n)
+        assert ngram_draft(tokens, k, min_n, max_n) == expected, (tokens, k, min_n, max_n)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """The model, and a draft model of the same tokenizer with other weights."""
