@@ -32,10 +32,8 @@ turns NOT_SERVING) rather than anything hanging.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import itertools
 import logging
-import os
 import queue
 import secrets
 import threading
@@ -43,9 +41,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import jax
 import numpy as np
 
-from jaxllm import attention_kernels, step
+from jaxllm import attention_kernels, staged_warm_up, step
 from jaxllm.compiles import CompileCounter
 from jaxllm.engine_config import SPECULATIVE_MAX_ROWS, EngineConfig, pool_pages
 from jaxllm.intake import Intake
@@ -128,6 +127,8 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self.failure: BaseException | None = None
+        self._compiled: set[str] = set()  # names of the programs compiled so far
+        self._warming: staged_warm_up.StagedWarmUp | None = None
         self.mirror: Mirror | None = None  # set on the leader of a multi-host server
         self.steps = 0
         # Mixture-of-Experts: tokens each layer routed to each expert, summed over steps
@@ -150,7 +151,12 @@ class Engine:
     # -- public API -------------------------------------------------------------------------
 
     def start(self, warm_up: bool = True) -> Engine:
-        if warm_up:
+        """Starts the engine's threads, after compiling every step shape (``warm_up``);
+        with ``background_compile`` (single process) only the first stage's, the rest
+        while serving (``jaxllm.staged_warm_up``; ``wait_compiled`` waits for them)."""
+        if warm_up and self.config.background_compile and jax.process_count() == 1:
+            self._warm_up_staged()
+        elif warm_up:
             self.warm_up()
         self._threads = [
             threading.Thread(target=self._engine_loop, name="jaxllm-engine", daemon=True),
@@ -158,6 +164,8 @@ class Engine:
         ]
         for thread in self._threads:
             thread.start()
+        if self._warming is not None:
+            self._warming.start()
         # Daemon threads never keep a script alive, but one still inside XLA (compiling,
         # running or awaiting a step) when the interpreter finalizes is killed by
         # pthread_exit unwinding through C++ frames: the process aborts ("FATAL: exception
@@ -172,6 +180,8 @@ class Engine:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
+        if self._warming is not None:
+            self._warming.stop()
         for thread in self._threads:
             thread.join()
         self._threads = []
@@ -380,31 +390,82 @@ class Engine:
         persistent compilation cache, ``jaxllm.startup``). Nothing runs on the device: no
         step executes, so a multi-host warm-up makes no collective call."""
         start, compiles = time.perf_counter(), CompileCounter.count
-        lowerings = {}
-        for shape in self.config.step_shapes:
-            inp = step.padding_only(shape, self.config, self.num_pages)
-            lowerings |= self._step.lowerings(self.runner.params, self.pool, inp)
-        if isinstance(self.drafter, DraftModelDrafter):
-            lowerings |= self.drafter.lowerings()
-        lowered = {name: lower() for name, lower in lowerings.items()}
-        workers = max(1, min(len(lowered), os.cpu_count() or 1))
-        with concurrent.futures.ThreadPoolExecutor(workers, "jaxllm-compile") as pool:
-            programs = pool.map(lambda low: low.compile(), lowered.values())
-            compiled = dict(zip(lowered, programs, strict=True))
-        self._step.use(compiled)
-        if isinstance(self.drafter, DraftModelDrafter):
-            self.drafter.use(compiled)
+        programs = self._install(
+            staged_warm_up.compile_all(self._lowerings(self.config.step_shapes))
+        )
         if self.warm_up_prompt_logprobs:
             self._scorer.warm_up()
         seconds = time.perf_counter() - start
         log.info(
             "warm-up: %d step shapes, %d programs, %d compiles, %.1f s",
             len(self.config.step_shapes),
-            len(lowered),
+            programs,
             CompileCounter.count - compiles,
             seconds,
         )
         self.startup.ready(seconds)
+
+    def _warm_up_staged(self) -> None:
+        """Compiles the first stage's programs and caps the scheduler to it; the rest are
+        compiled by ``self._warming`` once the engine runs."""
+        start = time.perf_counter()
+        first, shapes = staged_warm_up.first_stage(self.config)
+        self._limit(first)
+        programs = self._install(staged_warm_up.compile_all(self._lowerings(shapes)))
+        if self.warm_up_prompt_logprobs:
+            self._scorer.warm_up()
+        seconds = time.perf_counter() - start
+        rest = staged_warm_up.later_stages(self.config)
+        log.info(
+            "warm-up: serving after %d programs (%d of %d step shapes) in %.1f s; the other "
+            "%d step shapes compile while serving",
+            programs,
+            len(shapes),
+            len(self.config.step_shapes),
+            seconds,
+            sum(len(new) for _, new in rest),
+        )
+        self.startup.ready(seconds)
+
+        def install(compiled: dict, stage: staged_warm_up.Stage) -> None:
+            self._install(compiled)
+            self._limit(stage)
+
+        self._warming = staged_warm_up.StagedWarmUp(
+            rest, self._lowerings, install, self.startup.background_done
+        )
+
+    def wait_compiled(self, timeout: float | None = 600.0) -> None:
+        """Blocks until every step shape is compiled (at once without background compile)."""
+        if self._warming is not None:
+            self._warming.wait(timeout)
+
+    def _lowerings(self, shapes) -> dict:
+        """The programs ``shapes`` run that are not compiled yet, by name (to lower)."""
+        lowerings = {}
+        for shape in shapes:
+            inp = step.padding_only(shape, self.config, self.num_pages)
+            lowerings |= self._step.lowerings(self.runner.params, self.pool, inp)
+        if isinstance(self.drafter, DraftModelDrafter):
+            lowerings |= self.drafter.lowerings(shapes)
+        return {name: lower for name, lower in lowerings.items() if name not in self._compiled}
+
+    def _install(self, compiled: dict) -> int:
+        """Steps use these programs from now on; returns how many there were."""
+        self._step.use(compiled)
+        if isinstance(self.drafter, DraftModelDrafter):
+            self.drafter.use(compiled)
+        self._compiled.update(compiled)
+        return len(compiled)
+
+    def _limit(self, stage: staged_warm_up.Stage) -> None:
+        """Keeps every step within ``stage``'s compiled shapes (raised stage by stage)."""
+        config, sched = self.config, self.scheduler
+        with self._wake:
+            sched.max_num_seqs = min(config.max_num_seqs, stage.decode_rows)
+            sched.max_prefill_rows = min(config.max_prefill_rows, stage.prefill_rows)
+            sched.max_draft_rows = min(SPECULATIVE_MAX_ROWS, stage.draft_rows)
+            self._wake.notify_all()
 
     def abort(self, error: BaseException) -> None:
         """Fails every queued and running request with ``error`` and refuses new ones (a lost

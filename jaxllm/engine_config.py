@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING
 
 import jax
@@ -21,6 +22,10 @@ ACCELERATOR_KV_FRACTION = 0.8
 # memory-bound steps into fewer, wider ones, and a larger batch is compute-bound already
 # (each verify shape is also one more program to compile).
 SPECULATIVE_MAX_ROWS = 16
+
+
+def _env_flag(name: str = "JAXLLM_BACKGROUND_COMPILE") -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,11 @@ class EngineConfig:
     # verifying steps cost more than their kept tokens give (scripts/bench_spec.py).
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 3
+    # Serve once the one-row step shapes are compiled and compile the rest while serving,
+    # within what is compiled (``jaxllm.staged_warm_up``); False: compile all, then serve.
+    # A multi-process engine always compiles all first. Default: $JAXLLM_BACKGROUND_COMPILE
+    # (0 turns it off process-wide, servers included), else on.
+    background_compile: bool = dataclasses.field(default_factory=lambda: _env_flag())
 
     def __post_init__(self):
         kv_cache.check_dtype(self.kv_cache_dtype)

@@ -146,11 +146,12 @@ class DraftModelDrafter(Drafter):
         for seq in plan.decodes:  # drafts past the kept ones were not the sequence's
             self._seen[seq] = min(self._seen.get(seq, 0), seq.computed)
 
-    def lowerings(self) -> dict:
-        """The draft model's programs (for warm-up): the verify shapes (its first call of a
-        step) and single-token decode shapes, for the decode buckets speculation runs at."""
+    def lowerings(self, shapes) -> dict:
+        """The draft model's programs (for warm-up) among the target's step ``shapes``: the
+        verify shapes (its first call of a step) and single-token decode shapes, for the
+        decode buckets speculation runs at."""
         out = {}
-        for Sd, Sp, Q in self.config.step_shapes:
+        for Sd, Sp, Q in shapes:
             if Sd in self.config.verify_buckets and (Q > 1 or Sp == 0):
                 inp = step.padding_only((Sd, Sp, Q), self.config, self.num_pages)
                 named = self._step.lowerings(self.runner.params, self.pool, inp)

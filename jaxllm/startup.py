@@ -82,6 +82,10 @@ class StartupReport:
     programs_compiled: int = 0  # XLA programs compiled during start-up
     programs_cached: int = 0  # ... and loaded from the persistent cache instead
     total_s: float = 0.0  # from LLM.load's call until ready to serve
+    # Background compile (``jaxllm.staged_warm_up``): seconds from ready until every step
+    # shape was compiled (0 until then, and without it); the program counts then include
+    # its programs.
+    background_compile_s: float = 0.0
     _started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
     _compiles: tuple[int, int] = dataclasses.field(default=(0, 0), repr=False)
 
@@ -107,14 +111,17 @@ class StartupReport:
             "start-up: placed them (stacking scanned layers, device sync) in %.1f s", self.place_s
         )
 
-    def ready(self, compile_s: float | None = None) -> None:
-        """Start-up is over (``compile_s``: the warm-up's seconds, if one ran)."""
-        if compile_s is not None:
-            self.compile_s = compile_s
+    def _count_programs(self) -> None:
         # JAX counts a program from its cache as a compile too.
         compiles, hits = (a - b for a, b in zip(self._counts(), self._compiles, strict=True))
         self.programs_compiled = compiles - hits
         self.programs_cached = hits
+
+    def ready(self, compile_s: float | None = None) -> None:
+        """Start-up is over (``compile_s``: the warm-up's seconds, if one ran)."""
+        if compile_s is not None:
+            self.compile_s = compile_s
+        self._count_programs()
         self.total_s = time.perf_counter() - self._started
         cache = f"cache {self.cache_dir}" if self.cache_dir else "compilation cache off"
         log.info(
@@ -125,6 +132,18 @@ class StartupReport:
             cache,
         )
         log.info("start-up: ready in %.1f s", self.total_s)
+
+    def background_done(self, seconds: float) -> None:
+        """The background compile finished ``seconds`` after it started (at ready)."""
+        self.background_compile_s = seconds
+        self._count_programs()
+        log.info(
+            "start-up: every step shape compiled %.1f s after ready (%d programs compiled, "
+            "%d loaded from the cache in all)",
+            seconds,
+            self.programs_compiled,
+            self.programs_cached,
+        )
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         return {k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")}

@@ -7,6 +7,10 @@ import os
 
 # JAXLLM_TEST_REAL_DEVICES=1 (scripts/device_check.sh) runs on the machine's own devices
 # (a GPU) instead; tests that need 8 devices then skip or fail there, which the script reports.
+# Engines (servers spawned by tests too) compile every step shape before serving, so that
+# what tests assert about batching holds from the first request; tests/test_staged_warm_up.py
+# turns background compile on explicitly.
+os.environ.setdefault("JAXLLM_BACKGROUND_COMPILE", "0")
 if not os.environ.get("JAXLLM_TEST_REAL_DEVICES"):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -1,0 +1,93 @@
+"""Background compile (``jaxllm.staged_warm_up``): an engine serves once its one-row
+programs are compiled, every step meanwhile stays within the compiled shapes (nothing
+compiles on the engine thread), and once the background thread is done the engine is as
+warm as one that compiled everything first."""
+
+import threading
+import time
+
+import jax
+import pytest
+
+import jaxllm
+from jaxllm import staged_warm_up
+from jaxllm.engine_config import EngineConfig
+from jaxllm.sampling import SamplingParams
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(max_num_seqs=8),
+        dict(max_num_seqs=16, speculative="ngram"),
+        dict(max_num_seqs=4, max_step_tokens=16, chunk=16),  # one prefill row at most
+    ],
+)
+def test_stages_grow_and_end_with_every_step_shape(options):
+    config = EngineConfig(**options)
+    stages = staged_warm_up.stages(config)
+    first, first_shapes = staged_warm_up.first_stage(config)
+    assert (
+        first == stages[0] == (1, 1, 0)
+        and first_shapes == [(1, 0, 1), (1, 1, 1)][: len(first_shapes)]
+    )
+    for before, after in zip(stages, stages[1:], strict=False):
+        assert all(a >= b for a, b in zip(after, before, strict=True)) and after != before
+    last = stages[-1]
+    assert last.decode_rows == config.max_num_seqs
+    assert last.prefill_rows == config.max_prefill_rows
+    assert last.draft_rows == max(config.verify_buckets, default=0)
+    added = [shape for _, shapes in staged_warm_up.later_stages(config) for shape in shapes]
+    assert sorted(first_shapes + added) == sorted(config.step_shapes)  # each shape once
+    assert len(set(added)) == len(added)
+
+
+def _compile_threads():
+    """Names of the threads that compile XLA programs from now on."""
+    names: list[str] = []
+
+    def listen(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(threading.current_thread().name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return names
+
+
+def test_serves_during_background_compile_and_ends_fully_warm():
+    compile_threads = _compile_threads()
+    llm = jaxllm.LLM.load(None, max_num_seqs=4, background_compile=True)
+    engine = llm.engine
+    assert not engine._warming.finished  # serving already, later stages still compiling
+    try:
+        greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        prompts = [llm.tokenizer.encode(f"def f{i}(x):\n    return x * {i}") for i in range(6)]
+        # At once: the first requests run while later stages compile (within their caps).
+        early = [engine.submit(p, greedy) for p in prompts]
+        early = [list(r.wait(300).token_ids) for r in early]
+        engine.wait_compiled()
+        startup = engine.stats()["startup"]
+        assert startup["background_compile_s"] > 0
+        assert startup["programs_compiled"] + startup["programs_cached"] >= len(
+            engine.config.step_shapes
+        )
+        assert engine.scheduler.max_num_seqs == 4
+        assert engine.scheduler.max_prefill_rows == engine.config.max_prefill_rows
+        # Fully warm: the same requests, batched as they come, compile nothing and give the
+        # same tokens (a row's result does not depend on its batch).
+        compiles = len(compile_threads)
+        late = [engine.submit(p, greedy) for p in prompts]
+        assert [list(r.wait(300).token_ids) for r in late] == early
+        assert len(compile_threads) == compiles
+        assert "jaxllm-engine" not in compile_threads, compile_threads
+    finally:
+        llm.close()
+
+
+def test_stop_during_background_compile_returns():
+    llm = jaxllm.LLM.load(None, max_num_seqs=16, background_compile=True)
+    start = time.perf_counter()
+    llm.close()  # waits for the stage being compiled, not for the ones after it
+    assert time.perf_counter() - start < 60
+    assert llm.engine._warming.finished  # no thread left inside XLA at exit
+    assert llm.engine.stats()["startup"]["background_compile_s"] == 0  # stopped early
