@@ -5,7 +5,9 @@ default engine options), generates 2 tokens and exits; the parent times it from 
 and reads the engine's start-up report (``jaxllm.startup``). Cases:
 
 - cold / warm: a ~1.1 GB, 24-layer float32 Llama with an empty compilation cache, then again
-  with the cache the first run filled (the issue's targets: under 30 s and under 10 s), with
+  with the cache the first run filled (ready to serve: the report's total; with background
+  compile, the default, the child then waits until every step shape is compiled and records
+  that too: ``all_compiled_s``) (the issue's targets: under 30 s and under 10 s), with
   the default layers (unrolled on CPU) and then scanned (``scan_layers=True``), with the
   batch-1 decode speed of each;
 - depth: compile time of the same width at 8 and 32 layers, each on an empty cache (scanned
@@ -50,6 +52,13 @@ report["scan_layers"] = llm.runner.spec.scan_layers
 start = time.perf_counter()
 decoded = llm.generate([1, 2, 3], max_tokens=32, temperature=0, ignore_eos=True)
 report["batch1_decode_tok_s"] = len(decoded.token_ids) / (time.perf_counter() - start)
+# Background compile (the default): ready above; every step shape compiled from here.
+llm.engine.wait_compiled()
+full = llm.engine.stats()["startup"]
+report["all_compiled_s"] = full["total_s"] + full["background_compile_s"]
+report["compile_all_s"] = full["compile_s"] + full["background_compile_s"]
+report["programs_compiled_all"] = full["programs_compiled"]
+report["programs_cached_all"] = full["programs_cached"]
 print("STARTUP " + json.dumps(report), flush=True)
 """
 
@@ -121,6 +130,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("out/startup"))
     p.add_argument("--quick", action="store_true", help="small models: a smoke run")
+    p.add_argument("--no-depth", action="store_true", help="skip the 8- and 32-layer runs")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     big = MODELS["quick"] if args.quick else MODELS["llama24"]
@@ -143,7 +153,7 @@ def main() -> None:
             print(f"{layers}: cold {cold['process_wall_s']:.1f} s {cold}")
             print(f"{layers}: warm {warm['process_wall_s']:.1f} s {warm}")
 
-        for layers in ("default", "scan"):
+        for layers in () if args.no_depth else ("default", "scan"):
             depth = {}
             for count in (8, 32):
                 folder = tmp / f"depth{count}"
@@ -152,7 +162,7 @@ def main() -> None:
                     write_random_checkpoint(folder, dims, "float32")
                 depth[count] = start_once(folder, tmp / f"cache-{layers}-{count}", layers)
                 print(f"{layers}, {count} layers, cold cache: {depth[count]}")
-            growth = depth[32]["compile_s"] / depth[8]["compile_s"] - 1
+            growth = depth[32]["compile_all_s"] / depth[8]["compile_all_s"] - 1
             result[f"{layers}_depth"] = {"8": depth[8], "32": depth[32], "growth": growth}
 
         serve_cache = tmp / "serve-cache"
@@ -169,9 +179,9 @@ def main() -> None:
         for name, ok in {
             "cold_s": result[f"{layers}_cold"]["total_s"] < TARGETS["cold_s"],
             "warm_s": result[f"{layers}_warm"]["total_s"] < TARGETS["warm_s"],
-            "warm_compiles_nothing": result[f"{layers}_warm"]["programs_compiled"] == 0,
-            "compile_growth_8_to_32": result[f"{layers}_depth"]["growth"]
-            < TARGETS["compile_growth_8_to_32"],
+            "warm_compiles_nothing": result[f"{layers}_warm"]["programs_compiled_all"] == 0,
+            "compile_growth_8_to_32": f"{layers}_depth" in result
+            and result[f"{layers}_depth"]["growth"] < TARGETS["compile_growth_8_to_32"],
         }.items()
     }
     result["met"]["serve_warm_s"] = serve[1]["ready_s"] < TARGETS["serve_warm_s"]
