@@ -154,9 +154,7 @@ class Engine:
         """Starts the engine's threads, after compiling every step shape (``warm_up``);
         with ``background_compile`` (single process) only the first stage's, the rest
         while serving (``jaxllm.staged_warm_up``; ``wait_compiled`` waits for them)."""
-        if warm_up and self.config.background_compile and jax.process_count() == 1:
-            self._warm_up_staged()
-        elif warm_up:
+        if warm_up:
             self.warm_up()
         self._threads = [
             threading.Thread(target=self._engine_loop, name="jaxllm-engine", daemon=True),
@@ -164,8 +162,6 @@ class Engine:
         ]
         for thread in self._threads:
             thread.start()
-        if self._warming is not None:
-            self._warming.start()
         # Daemon threads never keep a script alive, but one still inside XLA (compiling,
         # running or awaiting a step) when the interpreter finalizes is killed by
         # pthread_exit unwinding through C++ frames: the process aborts ("FATAL: exception
@@ -388,7 +384,11 @@ class Engine:
         """Compiles every step shape ahead of time (and the prompt-scoring buckets if
         asked): every program is lowered, then compiled concurrently (or loaded from JAX's
         persistent compilation cache, ``jaxllm.startup``). Nothing runs on the device: no
-        step executes, so a multi-host warm-up makes no collective call."""
+        step executes, so a multi-host warm-up makes no collective call. With
+        ``background_compile`` on one process, returns after the first stage's programs and
+        compiles the rest on a background thread (``jaxllm.staged_warm_up``)."""
+        if self.config.background_compile and jax.process_count() == 1:
+            return self._warm_up_staged()
         start, compiles = time.perf_counter(), CompileCounter.count
         programs = self._install(
             staged_warm_up.compile_all(self._lowerings(self.config.step_shapes))
@@ -407,7 +407,7 @@ class Engine:
 
     def _warm_up_staged(self) -> None:
         """Compiles the first stage's programs and caps the scheduler to it; the rest are
-        compiled by ``self._warming`` once the engine runs."""
+        compiled by ``self._warming``, a background thread."""
         start = time.perf_counter()
         first, shapes = staged_warm_up.first_stage(self.config)
         self._limit(first)
@@ -434,6 +434,8 @@ class Engine:
         self._warming = staged_warm_up.StagedWarmUp(
             rest, self._lowerings, install, self.startup.background_done
         )
+        self._warming.start()
+        atexit.register(self._warming.stop)  # also when the engine was never started
 
     def wait_compiled(self, timeout: float | None = 600.0) -> None:
         """Blocks until every step shape is compiled (at once without background compile)."""

@@ -91,3 +91,41 @@ def test_stop_during_background_compile_returns():
     assert time.perf_counter() - start < 60
     assert llm.engine._warming.finished  # no thread left inside XLA at exit
     assert llm.engine.stats()["startup"]["background_compile_s"] == 0  # stopped early
+
+
+def test_server_is_ready_before_every_shape_compiles_and_answers_concurrent_requests(tmp_path):
+    """`jaxllm serve` with background compile (the default outside this suite): health says
+    SERVING after the first stage; concurrent requests all complete, greedy output equals the
+    in-process engine's, and the log reports the background compile's end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from serve.client import Client
+    from server_process import ServerProcess
+
+    env = {"JAXLLM_BACKGROUND_COMPILE": "1"}
+    args = ["--compilation-cache", "off", "--max-num-seqs", "8"]  # 12 step shapes, not 21
+    server = ServerProcess(args, tmp_path / "server.log", env)
+    try:
+        server.wait_ready(grpc.insecure_channel(server.target))
+        log = server.log()
+        assert "step shapes compile while serving" in log and "every step shape compiled" not in log
+        client = Client(server.target)
+        prompts = [f"def f{i}(x):\n    return x * {i}" for i in range(6)]
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(
+                pool.map(lambda p: client.generate(p, max_tokens=16, temperature=0).text, prompts)
+            )
+        deadline = time.monotonic() + 300
+        while "every step shape compiled" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "every step shape compiled" in server.log()
+        assert client.stats().startup.total_seconds > 0
+    finally:
+        assert server.terminate() == 0
+    llm = jaxllm.LLM.load(None, background_compile=False, max_num_seqs=1)
+    try:
+        assert texts == [llm.generate(p, max_tokens=16, temperature=0).text for p in prompts]
+    finally:
+        llm.close()
