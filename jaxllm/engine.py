@@ -177,6 +177,7 @@ class Engine:
             self._stopping = True
             self._wake.notify_all()
         if self._warming is not None:
+            atexit.unregister(self._warming.stop)
             self._warming.stop()
         for thread in self._threads:
             thread.join()
@@ -387,55 +388,32 @@ class Engine:
         step executes, so a multi-host warm-up makes no collective call. With
         ``background_compile`` on one process, returns after the first stage's programs and
         compiles the rest on a background thread (``jaxllm.staged_warm_up``)."""
-        if self.config.background_compile and jax.process_count() == 1:
-            return self._warm_up_staged()
+        staged = self.config.background_compile and jax.process_count() == 1
+        stages = staged_warm_up.plan(self.config) if staged else []
+        shapes = stages[0][1] if staged else self.config.step_shapes
         start, compiles = time.perf_counter(), CompileCounter.count
-        programs = self._install(
-            staged_warm_up.compile_all(self._lowerings(self.config.step_shapes))
-        )
-        if self.warm_up_prompt_logprobs:
-            self._scorer.warm_up()
-        seconds = time.perf_counter() - start
-        log.info(
-            "warm-up: %d step shapes, %d programs, %d compiles, %.1f s",
-            len(self.config.step_shapes),
-            programs,
-            CompileCounter.count - compiles,
-            seconds,
-        )
-        self.startup.ready(seconds)
-
-    def _warm_up_staged(self) -> None:
-        """Compiles the first stage's programs and caps the scheduler to it; the rest are
-        compiled by ``self._warming``, a background thread."""
-        start = time.perf_counter()
-        first, shapes = staged_warm_up.first_stage(self.config)
-        self._limit(first)
+        if staged:
+            self._limit(stages[0][0])
         programs = self._install(staged_warm_up.compile_all(self._lowerings(shapes)))
         if self.warm_up_prompt_logprobs:
             self._scorer.warm_up()
         seconds = time.perf_counter() - start
-        rest = staged_warm_up.later_stages(self.config)
         log.info(
-            "warm-up: serving after %d programs (%d of %d step shapes) in %.1f s; the other "
-            "%d step shapes compile while serving",
-            programs,
+            "warm-up: %d of %d step shapes, %d programs, %d compiles, %.1f s%s",
             len(shapes),
             len(self.config.step_shapes),
+            programs,
+            CompileCounter.count - compiles,
             seconds,
-            sum(len(new) for _, new in rest),
+            "; the other step shapes compile while serving" if staged else "",
         )
         self.startup.ready(seconds)
-
-        def install(compiled: dict, stage: staged_warm_up.Stage) -> None:
-            self._install(compiled)
-            self._limit(stage)
-
-        self._warming = staged_warm_up.StagedWarmUp(
-            rest, self._lowerings, install, self.startup.background_done
-        )
-        self._warming.start()
-        atexit.register(self._warming.stop)  # also when the engine was never started
+        if staged:
+            self._warming = staged_warm_up.StagedWarmUp(
+                stages[1:], self._lowerings, self._install_stage, self.startup.background_done
+            )
+            self._warming.start()
+            atexit.register(self._warming.stop)  # also when the engine was never started
 
     def wait_compiled(self, timeout: float | None = 600.0) -> None:
         """Blocks until every step shape is compiled (at once without background compile)."""
@@ -459,6 +437,10 @@ class Engine:
             self.drafter.use(compiled)
         self._compiled.update(compiled)
         return len(compiled)
+
+    def _install_stage(self, compiled: dict, stage: staged_warm_up.Stage) -> None:
+        self._install(compiled)
+        self._limit(stage)
 
     def _limit(self, stage: staged_warm_up.Stage) -> None:
         """Keeps every step within ``stage``'s compiled shapes (raised stage by stage)."""

@@ -24,8 +24,9 @@ ACCELERATOR_KV_FRACTION = 0.8
 SPECULATIVE_MAX_ROWS = 16
 
 
-def _env_flag(name: str = "JAXLLM_BACKGROUND_COMPILE") -> bool:
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+def _env_flag() -> bool:
+    value = os.environ.get("JAXLLM_BACKGROUND_COMPILE", "1").strip().lower()
+    return value not in ("0", "false", "off", "no")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class EngineConfig:
     # within what is compiled (``jaxllm.staged_warm_up``); False: compile all, then serve.
     # A multi-process engine always compiles all first. Default: $JAXLLM_BACKGROUND_COMPILE
     # (0 turns it off process-wide, servers included), else on.
-    background_compile: bool = dataclasses.field(default_factory=lambda: _env_flag())
+    background_compile: bool = dataclasses.field(default_factory=_env_flag)
 
     def __post_init__(self):
         kv_cache.check_dtype(self.kv_cache_dtype)

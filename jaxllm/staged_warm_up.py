@@ -130,24 +130,20 @@ class StagedWarmUp:
             raise RuntimeError(f"background warm-up failed: {self.error}") from self.error
 
     def stop(self) -> None:
-        """Stops after the program being compiled (a thread inside XLA at interpreter exit
+        """Stops after the stage being compiled (a thread inside XLA at interpreter exit
         aborts the process, see ``Engine.start``)."""
         self._stopping.set()
         if self._thread.ident is not None:
             self._thread.join()
 
 
-def first_stage(config: EngineConfig) -> tuple[Stage, list[Shape]]:
-    first = stages(config)[0]
-    return first, shapes_of(first, config)
-
-
-def later_stages(config: EngineConfig) -> list[tuple[Stage, list[Shape]]]:
-    """Each stage after the first with the shapes it adds."""
-    seen = set(shapes_of(stages(config)[0], config))
+def plan(config: EngineConfig) -> list[tuple[Stage, list[Shape]]]:
+    """Each stage with the step shapes it adds to those of the stages before it (the first
+    stage: all of its own)."""
+    seen: set[Shape] = set()
     out = []
-    for stage in stages(config)[1:]:
-        new = [s for s in shapes_of(stage, config) if s not in seen]
+    for stage in stages(config):
+        new = [shape for shape in shapes_of(stage, config) if shape not in seen]
         seen.update(new)
         out.append((stage, new))
     return out

@@ -5,9 +5,9 @@ default engine options), generates 2 tokens and exits; the parent times it from 
 and reads the engine's start-up report (``jaxllm.startup``). Cases:
 
 - cold / warm: a ~1.1 GB, 24-layer float32 Llama with an empty compilation cache, then again
-  with the cache the first run filled (ready to serve: the report's total; with background
-  compile, the default, the child then waits until every step shape is compiled and records
-  that too: ``all_compiled_s``) (the issue's targets: under 30 s and under 10 s), with
+  with the cache the first run filled (the issue's targets, under 30 s and under 10 s, are on
+  ready to serve: the report's total; with background compile, the default, the child then
+  waits until every step shape is compiled and records that too: ``all_compiled_s``), with
   the default layers (unrolled on CPU) and then scanned (``scan_layers=True``), with the
   batch-1 decode speed of each;
 - depth: compile time of the same width at 8 and 32 layers, each on an empty cache (scanned

@@ -26,7 +26,7 @@ from jaxllm.sampling import SamplingParams
 def test_stages_grow_and_end_with_every_step_shape(options):
     config = EngineConfig(**options)
     stages = staged_warm_up.stages(config)
-    first, first_shapes = staged_warm_up.first_stage(config)
+    (first, first_shapes), *later = staged_warm_up.plan(config)
     assert (
         first == stages[0] == (1, 1, 0)
         and first_shapes == [(1, 0, 1), (1, 1, 1)][: len(first_shapes)]
@@ -37,7 +37,7 @@ def test_stages_grow_and_end_with_every_step_shape(options):
     assert last.decode_rows == config.max_num_seqs
     assert last.prefill_rows == config.max_prefill_rows
     assert last.draft_rows == max(config.verify_buckets, default=0)
-    added = [shape for _, shapes in staged_warm_up.later_stages(config) for shape in shapes]
+    added = [shape for _, shapes in later for shape in shapes]
     assert sorted(first_shapes + added) == sorted(config.step_shapes)  # each shape once
     assert len(set(added)) == len(added)
 
