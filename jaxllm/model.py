@@ -53,6 +53,8 @@ class Layout:
 
     def __init__(self, mesh: Mesh | None, rules: ShardingRules | None):
         self.mesh, self.rules = mesh, rules
+        # One device: custom kernels (jaxllm.cpu_kernels), which XLA cannot split, may run.
+        self.local = mesh is None or mesh.size == 1
 
     def __call__(self, x: Array, *names: str | None) -> Array:
         if self.mesh is None or self.rules is None:
@@ -89,17 +91,35 @@ def _norm(cfg: ModelConfig, dim: int, dtype, rngs: nnx.Rngs) -> RMSNorm:
 def _weight(
     rngs: nnx.Rngs, shape, axes, dtype, quantized: str | None, in_dims: int = 1
 ) -> tuple[nnx.Param, nnx.Param | None]:
-    """A linear layer's weight and, when ``quantized``, its per-output-channel scale: the
-    weight is then int8 and the scale a float32 parameter over the weight's output axes."""
+    """A linear layer's weight and, when ``quantized`` (a ``jaxllm.quantize`` method), its
+    scale: per output channel (int8) over the weight's output axes, or per group of input
+    channels (int4, ``-gN``) over all its axes, the last counting groups."""
     if quantized is None:
         return _param(rngs, shape, axes, dtype), None
-    q, scale = quantize.quantize(_init(rngs.params(), shape, jnp.float32), in_dims)
-    out = len(shape) - in_dims
-    return nnx.Param(q, logical_axes=axes), nnx.Param(scale, logical_axes=axes[:out])
+    q, scale = quantize.quantize(_init(rngs.params(), shape, jnp.float32), in_dims, quantized)
+    scale_axes = axes if scale.ndim == len(shape) else axes[: len(shape) - in_dims]
+    return nnx.Param(q, logical_axes=axes), nnx.Param(scale, logical_axes=scale_axes)
+
+
+def _int8(quantized: str | None) -> str | None:
+    """The method of weights that stay int8 per channel (``quantize.method_for``)."""
+    return quantize.INT8 if quantized else None
 
 
 def _scale(p: nnx.Param | None):
     return None if p is None else p[...]
+
+
+def _linear(module, x, weight: nnx.Param, scale: nnx.Param | None, in_dims: int = 1):
+    """``quantize.linear`` of a layer's weight, as its module is laid out."""
+    return quantize.linear(
+        x,
+        weight[...],
+        _scale(scale),
+        in_dims,
+        sliced=module.sliced,
+        kernel=module.layout.local,
+    )
 
 
 class Attention(nnx.Module):
@@ -157,9 +177,9 @@ class Attention(nnx.Module):
         """This layer's attention; with a pool and a step, writes the step's keys and values
         into layer ``layer`` of the pool and reads each row's pages from it."""
         # [B, T, N or K, H]: the weights are read in their stored [out, in] order.
-        q = quantize.linear(x, self.wq[...], _scale(self.wq_scale), sliced=self.sliced)
-        k = quantize.linear(x, self.wk[...], _scale(self.wk_scale), sliced=self.sliced)
-        v = quantize.linear(x, self.wv[...], _scale(self.wv_scale), sliced=self.sliced)
+        q = _linear(self, x, self.wq, self.wq_scale)
+        k = _linear(self, x, self.wk, self.wk_scale)
+        v = _linear(self, x, self.wv, self.wv_scale)
         if self.qkv_bias:
             q, k, v = q + self.bq[None, None], k + self.bk[None, None], v + self.bv[None, None]
         if self.qk_norm:
@@ -192,7 +212,7 @@ class Attention(nnx.Module):
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
         out = out.reshape(B, T, N * H)
-        out = quantize.linear(out, self.wo[...], _scale(self.wo_scale), 2, sliced=self.sliced)
+        out = _linear(self, out, self.wo, self.wo_scale, 2)
         if self.o_bias:
             out = out + self.bo[None, None]
         return out, pool
@@ -211,13 +231,12 @@ class MLP(nnx.Module):
         self.sliced = sliced  # weights are slices of stacked arrays (quantize.linear)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        sliced = self.sliced
-        gate = quantize.linear(x, self.w_gate[...], _scale(self.w_gate_scale), sliced=sliced)
-        up = quantize.linear(x, self.w_up[...], _scale(self.w_up_scale), sliced=sliced)
+        gate = _linear(self, x, self.w_gate, self.w_gate_scale)
+        up = _linear(self, x, self.w_up, self.w_up_scale)
         # SwiGLU, or GeGLU with the tanh approximation (Gemma's gelu_pytorch_tanh).
         gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, True)
         hidden = self.layout(gate * up, "act_batch", "act_length", "act_mlp")
-        return quantize.linear(hidden, self.w_down[...], _scale(self.w_down_scale), sliced=sliced)
+        return _linear(self, hidden, self.w_down, self.w_down_scale)
 
 
 class MoE(nnx.Module):
@@ -229,7 +248,7 @@ class MoE(nnx.Module):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.expert_intermediate_size
         self.router = _param(rngs, (E, D), (None, "embed"), dtype)
         for name, shape in (("w_gate", (E, F, D)), ("w_up", (E, F, D)), ("w_down", (E, D, F))):
-            w, scale = _weight(rngs, shape, moe.WEIGHT_AXES[name], dtype, quantized)
+            w, scale = _weight(rngs, shape, moe.WEIGHT_AXES[name], dtype, _int8(quantized))
             setattr(self, name, w)
             setattr(self, name + "_scale", scale)
         self.top_k, self.normalize = cfg.experts_per_token, cfg.normalize_expert_weights
@@ -349,8 +368,9 @@ class Transformer(nnx.Module):
         kernels: attention_kernels.AttentionKernels | None = None,
         rngs: nnx.Rngs,
     ):
-        """``quantized="int8"``: every linear weight, the embedding and the head are int8
-        with per-output-channel scales (``jaxllm.quantize``); norms stay in ``dtype``.
+        """``quantized`` (a ``jaxllm.quantize`` method: "int8", "int4", "int4-g128", ...):
+        every linear weight of the layers in that format, the embedding, the head and any
+        experts in int8 with per-output-channel scales; norms stay in ``dtype``.
         ``scan_layers``: stacked layers run by ``jax.lax.scan``, else one Block per layer
         (see the module docstring). ``kernels``: the attention implementations; None: the
         backend's (``jaxllm.attention_kernels.choose``)."""
@@ -360,7 +380,9 @@ class Transformer(nnx.Module):
         self.dtype = dtype
         layout = Layout(mesh, rules)
         table = (cfg.vocab_size, cfg.hidden_size)
-        self.embed, self.embed_scale = _weight(rngs, table, ("vocab", "embed"), dtype, quantized)
+        self.embed, self.embed_scale = _weight(
+            rngs, table, ("vocab", "embed"), dtype, _int8(quantized)
+        )
         if scan_layers:
             self.layers = stacked_blocks(cfg, layout, dtype, quantized, rngs, kernels)
         else:
@@ -370,7 +392,7 @@ class Transformer(nnx.Module):
         self.final_norm = _norm(cfg, cfg.hidden_size, dtype, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head, self.lm_head_scale = _weight(
-                rngs, table, ("vocab", "embed"), dtype, quantized
+                rngs, table, ("vocab", "embed"), dtype, _int8(quantized)
             )
         self.layout = layout
 
@@ -496,5 +518,7 @@ class Transformer(nnx.Module):
                 head, scale = self.embed, self.embed_scale
             else:
                 head, scale = self.lm_head, self.lm_head_scale
-            out = quantize.linear(hidden, head[...], _scale(scale), out_dtype=jnp.float32)
+            out = quantize.linear(
+                hidden, head[...], _scale(scale), out_dtype=jnp.float32, kernel=self.layout.local
+            )
             return self.layout(out, "act_batch", "act_length", "act_vocab")

@@ -49,7 +49,7 @@ class ModelSpec:
     dtype: Any
     mesh: Mesh
     rules: ShardingRules
-    quantized: str | None = None  # "int8": weights int8 + scales (jaxllm.quantize)
+    quantized: str | None = None  # "int8", "int4", ...: weights + scales (jaxllm.quantize)
     # False: heads that the tensor axis does not divide are replicated instead of padded and
     # copied (training: a copied KV head would get its own gradient and drift apart).
     split_heads: bool = True
@@ -70,6 +70,11 @@ class ModelSpec:
                 head_layout=layout,
             )
         object.__setattr__(self, "config", stored)  # normalised once, at construction
+        # Grouped quantization splits each layer weight's last input axis into groups.
+        widths = {"hidden size": stored.hidden_size, "head dim": stored.head_dim}
+        if not stored.num_experts:  # experts stay int8 per channel (quantize.method_for)
+            widths["intermediate size"] = stored.intermediate_size
+        quantize.check_widths(self.quantized, widths)
 
     @property
     def head_split(self) -> int:
@@ -194,8 +199,10 @@ class ModelSpec:
             if quantize.input_dims(weight) is None:  # norms, biases
                 return read(name, target)
             target = targets[weight]
-            as_float = jax.ShapeDtypeStruct(target.shape, self.dtype, sharding=target.sharding)
-            done.update(quantize.quantize_into(read(weight, as_float), weight, targets))
+            shape = quantize.float_shape(target.shape, target.dtype)
+            as_float = jax.ShapeDtypeStruct(shape, self.dtype, sharding=target.sharding)
+            float_weight = read(weight, as_float)
+            done.update(quantize.quantize_into(float_weight, weight, targets, self.quantized))
             return done.pop(name)
 
         return self.fill(make)

@@ -23,17 +23,27 @@ On GPU and TPU the conversion is left to the compiler, which fuses it into the m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8
+from jaxtyping import Array, Float, Int8, UInt8
+
+from jaxllm import cpu_kernels
 
 INT8 = "int8"
-METHODS = (INT8,)
+INT4 = "int4"
+# Method names: int8 (one scale per output channel), int4 (groups of 32 input channels), and
+# either with an explicit group size ("int4-g128", "int8-g32": GGUF's Q8_0 layout).
+METHODS = (INT8, INT4)
+GROUP_SIZES = (32, 64, 128)
 # Rows (B * T) up to which the CPU product runs one vector-matrix loop per row (see above).
 ROW_LOOP_MAX_ROWS = 8
+# Rows up to which jaxllm's CPU kernel (jaxllm.cpu_kernels) multiplies, on one device. Above,
+# XLA's matmul of dequantized blocks is as fast (measured with scripts/bench_quant.py).
+KERNEL_MAX_ROWS = 16
 # The same for a float weight that is a slice of a stacked array (a scanned layer, an
 # expert): XLA:CPU transposes such a slice before a matmul of 2-4 rows. Measured, 16 sliced
 # [2816, 1024] float32 weights in a scan: 2 rows 12.4 ms as a matmul against 8.2 ms as row
@@ -42,6 +52,29 @@ ROW_LOOP_MAX_ROWS = 8
 SLICED_ROW_LOOP_MAX_ROWS = 4
 # Weight rows converted to float together when many rows multiply (see _blockwise).
 BLOCK_ROWS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """How a method stores weights: ``bits`` 8 (int8) or 4 (two per byte), and ``group``
+    input channels per scale (None: one scale per output channel)."""
+
+    bits: int
+    group: int | None
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.bits == 8 else 7
+
+
+def scheme(method: str) -> Scheme:
+    """The storage of a quantization method name (``check_method`` says what is allowed)."""
+    base, _, group = check_method(method).partition("-g")
+    bits = 8 if base == INT8 else 4
+    if group:
+        return Scheme(bits, int(group))
+    return Scheme(bits, None if bits == 8 else 32)
+
 
 # Parameter name endings that hold a linear layer's weight, with how many trailing
 # dimensions are the input (contracted) ones; the rest are output channels.
@@ -65,9 +98,28 @@ SCALE_SUFFIX = "_scale"
 
 
 def check_method(method: str | None) -> str | None:
-    if method is not None and method not in METHODS:
-        raise ValueError(f"unknown quantization {method!r}; supported: {', '.join(METHODS)}")
+    if method is None:
+        return None
+    base, sep, group = str(method).partition("-g")
+    groups = tuple(str(g) for g in GROUP_SIZES)
+    if base not in METHODS or (sep and group not in groups):
+        raise ValueError(
+            f"unknown quantization {method!r}; supported: {', '.join(METHODS)}, optionally "
+            f"with a group size of {'/'.join(groups)} input channels (e.g. int4-g128)"
+        )
     return method
+
+
+def check_widths(method: str | None, widths: dict[str, int]) -> None:
+    """Raises a ValueError unless every input width (by what it is, e.g. ``"head dim"``) of
+    the weights that ``method`` groups is a multiple of its group size."""
+    group = None if method is None else scheme(method).group
+    for what, width in widths.items():
+        if group is not None and width % group:
+            raise ValueError(
+                f"{method}: this model's {what} {width} is not a multiple of the group size "
+                f"{group}; quantize it with int8 or a smaller group (-g32)"
+            )
 
 
 def input_dims(name: str) -> int | None:
@@ -83,22 +135,63 @@ def scale_name(name: str) -> str:
     return name + SCALE_SUFFIX
 
 
-@functools.partial(jax.jit, static_argnames="in_dims")
-def quantize(w: Float[Array, "*dims"], in_dims: int = 1) -> tuple[Int8[Array, "*dims"], Array]:
-    """``(q, scale)`` with ``q`` int8 like ``w`` and ``scale`` float32 over its output dims."""
-    axes = tuple(range(w.ndim - in_dims, w.ndim))
+@functools.partial(jax.jit, static_argnames=("in_dims", "method"))
+def quantize(
+    w: Float[Array, "*dims"], in_dims: int = 1, method: str = INT8
+) -> tuple[Array, Array]:
+    """``(q, scale)`` for the float ``w`` (round to nearest, symmetric, ``scale = max|w| /
+    qmax`` over each output channel or group). int8: ``q`` int8 like ``w``; per channel the
+    scale is over ``w``'s output dims, grouped it also has the input dims, the last divided
+    by the group size. int4: ``q`` packed (``pack_int4``), the scale grouped."""
+    how = scheme(method)
     w = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w), axis=axes) / 127.0
+    if how.group is None:
+        groups, axes = w, tuple(range(w.ndim - in_dims, w.ndim))
+    else:
+        width = w.shape[-1]
+        if width % how.group:
+            raise ValueError(
+                f"{method}: a weight's input width {width} is not a multiple of the group "
+                f"size {how.group}; quantize this model with int8 or a smaller group"
+            )
+        groups, axes = w.reshape(*w.shape[:-1], width // how.group, how.group), (w.ndim,)
+    scale = jnp.max(jnp.abs(groups), axis=axes) / float(how.qmax)
     # An all-zero channel keeps scale 0 (its values are 0); divide by 1 there instead.
-    safe = jnp.where(scale > 0, scale, 1.0).reshape(scale.shape + (1,) * in_dims)
-    q = jnp.clip(jnp.round(w / safe), -127, 127).astype(jnp.int8)
-    return q, scale
+    safe = jnp.where(scale > 0, scale, 1.0).reshape(scale.shape + (1,) * len(axes))
+    q = jnp.clip(jnp.round(groups / safe), -how.qmax - (how.bits == 4), how.qmax)
+    q = q.astype(jnp.int8).reshape(w.shape)
+    return (q if how.bits == 8 else pack_int4(q)), scale
 
 
-def quantize_into(w: Array, name: str, targets: dict) -> dict[str, Array]:
-    """Parameter ``name``'s int8 weight and its scale from the float ``w``, each placed in
-    its sharding from ``targets`` (name -> ShapeDtypeStruct), keyed by parameter name."""
-    q, scale = quantize(w, input_dims(name))
+def pack_int4(q: Int8[Array, "*out I"]) -> UInt8[Array, "*out I/2"]:
+    """Values in [-8, 7] two per byte, by blocks of 32 along the last axis (GGUF's Q4_0
+    layout): byte ``j`` of a block holds element ``j`` (low nibble) and ``j + 16`` (high),
+    each stored as ``value + 8``."""
+    u = (q.astype(jnp.int16) + 8).astype(jnp.uint8)
+    u = u.reshape(*q.shape[:-1], q.shape[-1] // 32, 2, 16)
+    packed = u[..., 0, :] | (u[..., 1, :] << 4)
+    return packed.reshape(*q.shape[:-1], q.shape[-1] // 2)
+
+
+def unpack_int4(packed: UInt8[Array, "*out H"]) -> Int8[Array, "*out I"]:
+    """``pack_int4``'s values back, as int8."""
+    blocks = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 16, 1, 16)
+    u = jnp.concatenate([blocks & 15, blocks >> 4], axis=-2)
+    return (u.astype(jnp.int8) - 8).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def float_shape(q_shape: tuple[int, ...], dtype) -> tuple[int, ...]:
+    """The float weight's shape for a quantized one of ``q_shape`` and ``dtype``."""
+    if jnp.dtype(dtype) == jnp.uint8:
+        return (*q_shape[:-1], q_shape[-1] * 2)
+    return tuple(q_shape)
+
+
+def quantize_into(w: Array, name: str, targets: dict, method: str = INT8) -> dict[str, Array]:
+    """Parameter ``name``'s quantized weight and its scale from the float ``w``, each placed
+    in its sharding from ``targets`` (name -> ShapeDtypeStruct), keyed by parameter name.
+    ``method``: the model's; weights that ``method_for`` keeps in int8 follow it."""
+    q, scale = quantize(w, input_dims(name), method_for(name, method))
     scale_key = scale_name(name)
     return {
         name: jax.device_put(q, targets[name].sharding),
@@ -106,10 +199,28 @@ def quantize_into(w: Array, name: str, targets: dict) -> dict[str, Array]:
     }
 
 
-def dequantize(q: Int8[Array, "*dims"], scale: Array, dtype=jnp.float32) -> Array:
-    """The float weight ``q`` stands for (tests, and scoring the rounding error)."""
+def method_for(name: str, method: str) -> str:
+    """The method parameter ``name`` is stored with under the model's ``method``: the
+    embedding table, the output head and Mixture-of-Experts matrices stay int8 per channel
+    (looked up by row, read once per step at full vocabulary width, or multiplied by
+    jaxllm.moe's own loops); every other linear weight takes ``method``."""
+    last = name.split(".")[-1]
+    if last in ("embed", "lm_head") or ".moe." in f".{name}.":
+        return INT8
+    return method
+
+
+def dequantize(q: Array, scale: Array, dtype=jnp.float32) -> Array:
+    """The float weight ``q`` stands for (tests, scoring the rounding error, and the product
+    on backends that fuse the conversion)."""
+    values = unpack_int4(q) if q.dtype == jnp.uint8 else q
+    values = values.astype(jnp.float32)
+    if scale.ndim == q.ndim:  # grouped along the last axis
+        width = values.shape[-1]
+        groups = values.reshape(*values.shape[:-1], scale.shape[-1], width // scale.shape[-1])
+        return (groups * scale[..., None]).reshape(values.shape).astype(dtype)
     in_dims = q.ndim - scale.ndim
-    return (q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * in_dims)).astype(dtype)
+    return (values * scale.reshape(scale.shape + (1,) * in_dims)).astype(dtype)
 
 
 def linear(
@@ -119,18 +230,21 @@ def linear(
     in_dims: int = 1,
     out_dtype=None,
     sliced: bool = False,
+    kernel: bool = False,
 ) -> Array:
     """``x @ w.T`` for a weight ``w [*out, *in]`` stored ``[out, in]`` (its last ``in_dims``
-    dims flattened are ``I``), float or int8 (then ``scale [*out]``); returns
+    dims flattened are ``I``), float or quantized (then ``scale``, see ``quantize``); returns
     ``[B, T, *out]`` in ``out_dtype`` (default: ``x``'s). Products accumulate in float32
     whatever the operands (bfloat16 on TPU/GPU). An int8 weight is never copied to float
     whole for few rows (see the module docstring). ``sliced``: ``w`` is a scanned layer's
     slice of a stacked array, which XLA:CPU reads in place for one row only when the product
     is spelled ``x @ w.T`` (an einsum copies the slice first: a 24-layer decode step took
-    193 ms against 67 ms); for whole arrays the einsum streams faster (54 ms against 75 ms)."""
+    193 ms against 67 ms); for whole arrays the einsum streams faster (54 ms against 75 ms).
+    ``kernel``: the product runs on one device, so on CPU jaxllm's kernel may take it (few
+    rows; ``jaxllm.cpu_kernels``), with ``x`` rounded to int8 per block of 32."""
     out_dtype = out_dtype or x.dtype
     out_shape = w.shape[: w.ndim - in_dims]
-    w2 = w.reshape(math.prod(out_shape), x.shape[-1])
+    w2 = w.reshape(math.prod(out_shape), -1)
     B, T, _ = x.shape
     x2 = x.reshape(B * T, x.shape[-1])
     if scale is None:
@@ -141,10 +255,22 @@ def linear(
         else:
             y = jnp.einsum("BTI,OI->BTO", x, w2, preferred_element_type=jnp.float32)
         return y.astype(out_dtype).reshape(B, T, *out_shape)
-    if jax.default_backend() != "cpu":
-        # GPU/TPU compilers fuse the conversion into the matmul.
+    rows, out = B * T, math.prod(out_shape)
+    on_cpu = jax.default_backend() == "cpu"
+    wq, s2 = w.reshape(out, -1), scale.reshape(out, -1)  # [O, I or I/2], [O, groups or 1]
+    if kernel and on_cpu and rows <= KERNEL_MAX_ROWS and x2.shape[1] % 32 == 0:
+        if cpu_kernels.available():
+            y = cpu_kernels.qmatmul(x2, wq, s2)
+            return y.astype(out_dtype).reshape(B, T, *out_shape)
+    if scale.ndim == w.ndim:  # grouped scales, int8 or packed int4
+        if not on_cpu:  # GPU/TPU compilers fuse the conversion into the matmul
+            y = jnp.matmul(x2, dequantize(wq, s2, x.dtype).T, preferred_element_type=jnp.float32)
+        else:
+            y = _blockwise(x2, wq, s2)
+        return y.astype(out_dtype).reshape(B, T, *out_shape)
+    if not on_cpu:
         y = jnp.matmul(x2, w2.astype(x.dtype).T, preferred_element_type=jnp.float32)
-    elif B * T <= ROW_LOOP_MAX_ROWS:
+    elif rows <= ROW_LOOP_MAX_ROWS:
         # One vector @ matrix.T per row: the spelling XLA:CPU fuses with the conversion.
         y = _row_products(x2, w2.astype(x.dtype))
     else:
@@ -153,14 +279,20 @@ def linear(
     return y.astype(out_dtype).reshape(B, T, *out_shape)
 
 
-def _blockwise(x: Float[Array, "R I"], w: Int8[Array, "O I"]) -> Float[Array, "R O"]:
+def _blockwise(x: Float[Array, "R I"], w: Array, scale: Array | None = None) -> Array:
     """``x @ w.T`` converting ``BLOCK_ROWS`` weight rows at a time inside a loop, so the
     float copy of a block stays in cache and is reused; converting the whole matrix first
-    ran at ~0.25 G elements/s here (fresh buffers), slower than the float32 matmul itself."""
-    out, width = w.shape
+    ran at ~0.25 G elements/s here (fresh buffers), slower than the float32 matmul itself.
+    ``scale``: grouped scales ``[O, groups]`` (then ``w`` may be packed int4), applied while
+    converting; None: an int8 ``w`` whose per-channel scale the caller applies."""
+    out = w.shape[0]
     block = max(d for d in range(1, min(out, BLOCK_ROWS) + 1) if out % d == 0)
-    blocks = w.reshape(out // block, block, width)
-    y = jax.lax.map(lambda b: x @ b.astype(x.dtype).T, blocks)  # [O // block, R, block]
+    blocks = w.reshape(out // block, block, w.shape[1])
+    if scale is None:
+        y = jax.lax.map(lambda b: x @ b.astype(x.dtype).T, blocks)  # [O // block, R, block]
+    else:
+        scales = scale.reshape(out // block, block, scale.shape[1])
+        y = jax.lax.map(lambda bs: x @ dequantize(bs[0], bs[1], x.dtype).T, (blocks, scales))
     return jnp.moveaxis(y, 0, 1).reshape(x.shape[0], out)
 
 

@@ -201,7 +201,12 @@ def test_int8_checkpoints_from_convert_and_from_load_agree(hf_dir, tmp_path):
 
 
 def test_bad_quantization_options_are_rejected(hf_dir):
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        jaxllm.LLM.load(hf_dir, mesh=MESH, quantize="int3", warm_up=False)
+    with pytest.raises(ValueError, match="unknown quantization 'int4-g48'"):
+        jaxllm.LLM.load(hf_dir, mesh=MESH, quantize="int4-g48", warm_up=False)
+    # This model's heads are 16 wide: the output projection's input groups cannot be 32.
+    with pytest.raises(ValueError, match="head dim 16 is not a multiple of the group size 32"):
         jaxllm.LLM.load(hf_dir, mesh=MESH, quantize="int4", warm_up=False)
     with pytest.raises(ValueError, match="unknown kv_cache_dtype 'fp8'"):
         jaxllm.LLM.load(hf_dir, mesh=MESH, kv_cache_dtype="fp8", warm_up=False)
