@@ -16,6 +16,8 @@ code (same results up to the activations' int8 rounding, slower).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -76,10 +78,28 @@ def _build(compiler: str) -> Path:
     return out
 
 
-@functools.cache
+_switched_off = contextvars.ContextVar("jaxllm_cpu_kernels_off", default=False)
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Programs traced inside this block use XLA's own code instead of the kernel (to
+    measure one against the other; the choice is made when a program is traced)."""
+    token = _switched_off.set(True)
+    try:
+        yield
+    finally:
+        _switched_off.reset(token)
+
+
 def available() -> bool:
-    """Whether the kernel is built and registered (once per process; False, with the reason
-    logged, where it cannot be)."""
+    """Whether the kernel may run in the program being traced: built and registered (once
+    per process; False, with the reason logged, where it cannot be) and not switched off."""
+    return not _switched_off.get() and _registered()
+
+
+@functools.cache
+def _registered() -> bool:
     if os.environ.get("JAXLLM_CPU_KERNELS", "1") == "0":
         return False
     if not {"avx2", "fma"} <= _cpu_flags():

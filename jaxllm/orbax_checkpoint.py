@@ -168,7 +168,7 @@ def convert_hf_to_orbax(
 
 def _to_store(config: ModelConfig, dtype, arrays, quantize: str | None):
     """``(name, array, logical axes)`` to write, from float ``(name, array)`` pairs in
-    jaxllm's layout: each weight quantized to int8 plus its scale when ``quantize`` says."""
+    jaxllm's layout: each weight quantized plus its scale when ``quantize`` says."""
     mesh = make_mesh({"tensor": 1}, devices=jax.devices()[:1])
     _, abstract = ModelSpec(config, dtype, mesh, DEFAULT_RULES).abstract()
     axes = {k: p.axes for k, p in named_params(abstract).items()}
@@ -177,10 +177,12 @@ def _to_store(config: ModelConfig, dtype, arrays, quantize: str | None):
         if quantize is None or in_dims is None:
             yield name, array, axes[name]
             continue
-        q, scale = (np.asarray(x) for x in quant.quantize(array, in_dims))
+        method = quant.method_for(name, quantize)
+        q, scale = (np.asarray(x) for x in quant.quantize(array, in_dims, method))
         del array
         yield name, q, axes[name]
-        yield quant.scale_name(name), scale, axes[name][: q.ndim - in_dims]
+        scale_axes = axes[name] if scale.ndim == q.ndim else axes[name][: q.ndim - in_dims]
+        yield quant.scale_name(name), scale, scale_axes
 
 
 def convert_gguf_to_orbax(
@@ -236,7 +238,9 @@ def save_state(
     layout = config.head_layout
     for name, stored in sorted(hf_layout(config).items()):
         shape = stored.ours
-        found = params[name].shape if name in params else "missing"
+        found = "missing"
+        if name in params:
+            found = quant.float_shape(params[name].shape, params[name].value().dtype)
         if layout is not None and name in params:
             found = layout.source_shape(found, params[name].axes)
         if found != shape:
@@ -244,9 +248,8 @@ def save_state(
                 f"the state's {name!r} has shape {found}, the config gives {shape} (for a "
                 "state whose heads were padded for its mesh, pass the config it runs with)"
             )
-    # A quantized state (jaxllm.quantize) carries a scale beside every int8 weight.
-    scales = [n for n in params if n.endswith(quant.SCALE_SUFFIX)]
-    quantization = quant.INT8 if scales else None
+    # A quantized state (jaxllm.quantize) carries a scale beside every quantized weight.
+    quantization = quant.method_of({n: p.value() for n, p in params.items()})
 
     def stored_layout(param: NamedParam) -> jax.Array:
         if layout is None or layout.maps(param.axes) is None:
@@ -420,7 +423,8 @@ def load_orbax_state(
         for name in [n for n in reads if quant.input_dims(n) is not None]:
             del reads[quant.scale_name(name)]
             t = reads[name]
-            reads[name] = jax.ShapeDtypeStruct(t.shape, spec.dtype, sharding=t.sharding)
+            shape = quant.float_shape(t.shape, t.dtype)
+            reads[name] = jax.ShapeDtypeStruct(shape, spec.dtype, sharding=t.sharding)
     # What the checkpoint holds: the stored head layout, expanded after reading.
     reads = {name: spec.stored_target(name, target) for name, target in reads.items()}
     missing, extra = sorted(reads.keys() - stored.keys()), sorted(stored.keys() - reads.keys())
@@ -453,7 +457,7 @@ def load_orbax_state(
         if maps is not None:
             array = head_layout.expand(array, maps, targets[weight].sharding)
         if quantize_now and quant.input_dims(weight) is not None:
-            quantized.update(quant.quantize_into(array, weight, targets))
+            quantized.update(quant.quantize_into(array, weight, targets, spec.quantized))
             del array
             array = quantized.pop(name)
         _release_freed_memory()

@@ -136,9 +136,7 @@ def scale_name(name: str) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("in_dims", "method"))
-def quantize(
-    w: Float[Array, "*dims"], in_dims: int = 1, method: str = INT8
-) -> tuple[Array, Array]:
+def quantize(w: Float[Array, "*dims"], in_dims: int = 1, method: str = INT8) -> tuple[Array, Array]:
     """``(q, scale)`` for the float ``w`` (round to nearest, symmetric, ``scale = max|w| /
     qmax`` over each output channel or group). int8: ``q`` int8 like ``w``; per channel the
     scale is over ``w``'s output dims, grouped it also has the input dims, the last divided
@@ -208,6 +206,21 @@ def method_for(name: str, method: str) -> str:
     if last in ("embed", "lm_head") or ".moe." in f".{name}.":
         return INT8
     return method
+
+
+def method_of(arrays: dict[str, Array]) -> str | None:
+    """The method a model's arrays (by parameter name) were quantized with; None: float."""
+    for name, q in sorted(arrays.items()):
+        scale = arrays.get(scale_name(name))
+        if scale is None or input_dims(name) is None or method_for(name, INT4) == INT8:
+            continue  # not a layer weight: embedding, head and experts are int8 anyway
+        bits = 4 if q.dtype == jnp.uint8 else 8
+        if scale.ndim < q.ndim:
+            return INT8
+        group = float_shape(q.shape, q.dtype)[-1] // scale.shape[-1]
+        name = f"int{bits}"
+        return name if scheme(name).group == group else f"{name}-g{group}"
+    return INT8 if any(n.endswith(SCALE_SUFFIX) for n in arrays) else None
 
 
 def dequantize(q: Array, scale: Array, dtype=jnp.float32) -> Array:

@@ -6,10 +6,15 @@ larger random Llama written by ``transformers`` (~200M parameters by default), a
 setting:
 
     f32           the model as stored (float32)
-    int8          int8 weights, per-output-channel scales (``LLM.load(quantize="int8")``)
+    int8          int8 weights, per-output-channel scales (``LLM.load(quantize="int8")``),
+                  multiplied by jaxllm's CPU kernel where it applies (the default)
+    int8-xla      the same weights multiplied by XLA's own code (kernel switched off)
+    int4          int4 weights, groups of 32 (``quantize="int4"``), kernel (the default)
+    int4-xla      the same multiplied by XLA's own code
+    int4-g128     int4 weights, groups of 128
     int8+kv8      int8 weights and an int8 KV cache (``kv_cache_dtype="int8"``)
     pruned25/50   25% / 50% of every layer's MLP channels removed (``jaxllm.prune``,
-                  importance measured on calibration text), float32
+                  importance measured on calibration text), float32 (``--settings``)
 
 it measures, in one process and one run:
 
@@ -18,7 +23,8 @@ it measures, in one process and one run:
 - speed: batch-1 decode tokens/s (engine with ``max_num_seqs=1``, the time between the first
   and the last token of a long greedy output, so prefill is excluded) and MBU = bytes a step
   must read (weights without the embedding table, plus the KV positions held) / step time /
-  read bandwidth measured in the same run; and output tokens/s with 8 requests at once;
+  read bandwidth measured in the same run; and output tokens/s with 8 and 32 requests at
+  once (an engine of ``max_num_seqs=32``);
 - quality: perplexity of held-out text (the demo model: the files of the demo corpus that
   ``scripts/train_demo.py`` held out of training, rebuilt from this interpreter's stdlib; the
   random model: none, its text is noise) and the mean KL divergence of next-token
@@ -31,7 +37,8 @@ The limits: read bandwidth and float32 matmul rate, measured at the start (see
 bench_engine.py for how).
 
 Writes ``out/bench_quant.json`` and prints a table (the README's). Run from the repository
-root; ~10 minutes on a quiet 2-core machine, ``--quick`` ~3 minutes with a small random model:
+root; ~25 minutes on a quiet 2-core machine with the default ~1 GB random model (16 layers),
+``--quick`` ~5 minutes with a small one:
 
     python scripts/bench_quant.py [--quick] [--out out]
 """
@@ -39,6 +46,7 @@ root; ~10 minutes on a quiet 2-core machine, ``--quick`` ~3 minutes with a small
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -50,6 +58,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Every shape compiled at load, in this thread: the kernel switch (cpu_kernels.switched_off)
+# holds while a program is traced, and a background compile thread would not see it.
+os.environ["JAXLLM_BACKGROUND_COMPILE"] = "0"
 
 import jax
 import numpy as np
@@ -57,7 +68,7 @@ import torch
 import transformers
 
 import jaxllm
-from jaxllm import orbax_checkpoint, prune
+from jaxllm import cpu_kernels, orbax_checkpoint, prune
 from jaxllm.params import named_params, param_bytes
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -79,15 +90,27 @@ class Setting:
     name: str
     load_options: dict  # LLM.load keyword arguments
     prune_fraction: float = 0.0  # fraction of MLP channels removed first
+    kernels: bool = True  # False: jaxllm's CPU kernel switched off (XLA's own code)
+
+    def load(self, path: Path, **options) -> jaxllm.LLM:
+        off = contextlib.nullcontext() if self.kernels else cpu_kernels.switched_off()
+        with off:
+            return jaxllm.LLM.load(path, **options, **self.load_options)
 
 
 SETTINGS = (
     Setting("f32", {}),
     Setting("int8", {"quantize": "int8"}),
+    Setting("int8-xla", {"quantize": "int8"}, kernels=False),
+    Setting("int4", {"quantize": "int4"}),
+    Setting("int4-xla", {"quantize": "int4"}, kernels=False),
+    Setting("int4-g128", {"quantize": "int4-g128"}),
     Setting("int8+kv8", {"quantize": "int8", "kv_cache_dtype": "int8"}),
     Setting("pruned25", {}, 0.25),
     Setting("pruned50", {}, 0.50),
 )
+DEFAULT_SETTINGS = ("f32", "int8", "int8-xla", "int4", "int4-xla", "int4-g128", "int8+kv8")
+CONCURRENCY = (8, 32)
 
 
 # -- quality -------------------------------------------------------------------------------
@@ -127,7 +150,7 @@ def decode_read_bytes(llm: jaxllm.LLM, held_positions: float) -> dict:
     """Bytes one batch-1 decode step must read: every weight but the embedding table (one
     row is gathered), and the KV cache's bytes for the positions the request holds."""
     weights = named_params(llm.runner.state)
-    table = sum(weights[n].get_value().nbytes for n in ("embed", "embed_scale") if n in weights)
+    table = sum(weights[n].value().nbytes for n in ("embed", "embed_scale") if n in weights)
     weight_bytes = param_bytes(llm.runner.state)
     if not llm.config.tie_word_embeddings:
         weight_bytes -= table
@@ -162,8 +185,8 @@ def decode_speeds(engines: dict, prompt: list[int], args, read_gbps: float) -> d
     return speeds
 
 
-def _options(setting: Setting, args) -> dict:
-    return dict(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, **setting.load_options)
+def _options(args) -> dict:
+    return dict(mesh={"tensor": 1}, max_seq_len=args.max_seq_len)
 
 
 # -- one model, every setting --------------------------------------------------------------
@@ -201,7 +224,12 @@ def run_model(name: str, source: Path, windows, texts, prompts, args, read_gbps)
         for setting in settings:
             print(f"  {name}: {setting.name}", flush=True)
             paths[setting.name] = prepare(setting, source, Path(work), texts)
-            llm = jaxllm.LLM.load(paths[setting.name], max_num_seqs=1, **_options(setting, args))
+            try:
+                llm = setting.load(paths[setting.name], max_num_seqs=1, **_options(args))
+            except ValueError as e:  # a group size this model's widths do not divide
+                print(f"  {name}: {setting.name} skipped: {e}", flush=True)
+                results.setdefault("skipped", {})[setting.name] = str(e)
+                continue
             row: dict = {}
             row["params"] = llm.config.num_params
             row["weight_bytes"] = param_bytes(llm.runner.state)
@@ -221,23 +249,28 @@ def run_model(name: str, source: Path, windows, texts, prompts, args, read_gbps)
                 for a, b in zip(reference_tokens, tokens, strict=True)
             ) / (32 * len(prompts))
             results[setting.name], engines[setting.name] = row, llm
+        skipped = results.pop("skipped", {})
+        settings = [s for s in settings if s.name not in skipped]
         print(f"  {name}: batch-1 decode, settings taking turns", flush=True)
         for setting_name, speed in decode_speeds(engines, decode_prompt, args, read_gbps).items():
             results[setting_name]["decode_batch1"] = speed
         for llm in engines.values():
             bench_engine.release(llm)
-        print(f"  {name}: 8 concurrent requests, settings taking turns", flush=True)
+        print(f"  {name}: {CONCURRENCY} concurrent requests, settings taking turns", flush=True)
         engines = {
-            s.name: jaxllm.LLM.load(paths[s.name], max_num_seqs=8, **_options(s, args))
+            s.name: s.load(paths[s.name], max_num_seqs=max(CONCURRENCY), **_options(args))
             for s in settings
         }
-        best: dict[str, float] = {}
-        for _ in range(args.rounds):
-            for setting_name, llm in engines.items():
-                done = bench_engine.engine_round(llm, [decode_prompt] * 8, args.decode_tokens // 2)
-                best[setting_name] = max(best.get(setting_name, 0.0), done.tokens_per_s)
-        for setting_name, llm in engines.items():
-            results[setting_name]["tokens_per_s_8_concurrent"] = best[setting_name]
+        for count in CONCURRENCY:
+            best: dict[str, float] = {}
+            for _ in range(args.rounds):
+                for setting_name, llm in engines.items():
+                    prompts_now = [decode_prompt] * count
+                    done = bench_engine.engine_round(llm, prompts_now, args.decode_tokens // 2)
+                    best[setting_name] = max(best.get(setting_name, 0.0), done.tokens_per_s)
+            for setting_name in engines:
+                results[setting_name][f"tokens_per_s_{count}_concurrent"] = best[setting_name]
+        for llm in engines.values():
             bench_engine.release(llm)
         gc.collect()
     base = results["f32"]
@@ -247,6 +280,9 @@ def run_model(name: str, source: Path, windows, texts, prompts, args, read_gbps)
         row["decode_speedup_vs_f32"] = (
             row["decode_batch1"]["tokens_per_s"] / base["decode_batch1"]["tokens_per_s"]
         )
+        for count in CONCURRENCY:
+            key = f"tokens_per_s_{count}_concurrent"
+            row[f"speedup_{count}_concurrent_vs_f32"] = row[key] / base[key]
         row["perplexity_change_vs_f32"] = (
             row["quality"]["perplexity"] / base["quality"]["perplexity"] - 1
         )
@@ -291,12 +327,12 @@ def run_peer(source: Path, prompt: list[int], tokens: int) -> dict:
 def table(results: dict) -> str:
     lines = [
         "| model | setting | params | weights MB (x f32) | KV slots per byte (x f32) | "
-        "decode tok/s batch 1 (x f32) | MBU | tok/s at 8 | perplexity (change) | KL nats | "
-        "greedy 32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "decode tok/s batch 1 (x f32) | MBU | tok/s at 8 (x f32) | tok/s at 32 (x f32) | "
+        "perplexity (change) | KL nats | greedy 32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in ("demo", "random"):
-        for name, r in results[model].items():
+        for name, r in results.get(model, {}).items():
             q = r["quality"]
             ppl = (
                 f"{q['perplexity']:.2f} ({r['perplexity_change_vs_f32']:+.1%})"
@@ -308,8 +344,13 @@ def table(results: dict) -> str:
                 f"{r['weight_bytes'] / 1e6:.1f} ({r['weight_ratio_vs_f32']:.3f}) | "
                 f"{r['kv_slots_per_byte_vs_f32']:.2f} | "
                 f"{r['decode_batch1']['tokens_per_s']:.1f} ({r['decode_speedup_vs_f32']:.2f}) | "
-                f"{r['decode_batch1']['mbu']:.2f} | {r['tokens_per_s_8_concurrent']:.1f} | {ppl} | "
-                f"{q['kl_vs_f32_nats']:.4f} | {r['greedy_agreement_32']:.0%} |"
+                f"{r['decode_batch1']['mbu']:.2f} | "
+                + "".join(
+                    f"{r[f'tokens_per_s_{c}_concurrent']:.1f} "
+                    f"({r[f'speedup_{c}_concurrent_vs_f32']:.2f}) | "
+                    for c in CONCURRENCY
+                )
+                + f"{ppl} | {q['kl_vs_f32_nats']:.4f} | {r['greedy_agreement_32']:.0%} |"
             )
     return "\n".join(lines)
 
@@ -323,12 +364,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--layers", type=int, default=16)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--settings", nargs="+", default=[s.name for s in SETTINGS])
+    p.add_argument(
+        "--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=[s.name for s in SETTINGS]
+    )
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per setting (best kept)")
     args = p.parse_args(argv)
     if args.quick:
