@@ -15,6 +15,18 @@ import json
 import sys
 import time
 
+# jaxllm.quantize.METHOD_NAMES, spelled out so that parsing flags does not import jax.
+QUANTIZE_METHODS = (
+    "int8",
+    "int8-g32",
+    "int8-g64",
+    "int8-g128",
+    "int4",
+    "int4-g32",
+    "int4-g64",
+    "int4-g128",
+)
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face model folder (default: demo model)")
@@ -23,7 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", help="sharding preset (default: fsdp_tensor)")
     parser.add_argument("--max-seq-len", type=int, help="context length of the KV cache")
     parser.add_argument(
-        "--quantize", choices=["int8"], help="int8 weights with per-channel scales (at load)"
+        "--quantize",
+        choices=QUANTIZE_METHODS,
+        help="int8 (per-channel scales) or int4 (groups of 32; -g64/-g128) weights, at load",
     )
     parser.add_argument(
         "--kv-cache-dtype", choices=["int8"], help="int8 KV cache: ~3.8x the tokens per byte"
@@ -215,7 +229,9 @@ def build_commands() -> tuple[argparse.ArgumentParser, argparse._SubParsersActio
     convert.add_argument("out_dir")
     convert.add_argument("--dtype", help="store as this dtype (default: as in the checkpoint)")
     convert.add_argument(
-        "--quantize", choices=["int8"], help="store int8 weights with per-channel scales"
+        "--quantize",
+        choices=QUANTIZE_METHODS,
+        help="store int8 (per-channel scales) or int4 (groups of 32; -g64/-g128) weights",
     )
     convert.set_defaults(run=_convert)
 

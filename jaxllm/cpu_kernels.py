@@ -17,7 +17,6 @@ code (same results up to the activations' int8 rounding, slower).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import ctypes
 import functools
 import hashlib
@@ -26,6 +25,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -78,24 +78,29 @@ def _build(compiler: str) -> Path:
     return out
 
 
-_switched_off = contextvars.ContextVar("jaxllm_cpu_kernels_off", default=False)
+_switched_off = 0  # how many switched_off blocks are open (any thread)
+_switch_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def switched_off():
-    """Programs traced inside this block use XLA's own code instead of the kernel (to
-    measure one against the other; the choice is made when a program is traced)."""
-    token = _switched_off.set(True)
+    """Programs traced while this block is open, by any thread (an engine compiles on its
+    own), use XLA's own code instead of the kernel: to measure one against the other. The
+    choice is made when a program is traced."""
+    global _switched_off
+    with _switch_lock:
+        _switched_off += 1
     try:
         yield
     finally:
-        _switched_off.reset(token)
+        with _switch_lock:
+            _switched_off -= 1
 
 
 def available() -> bool:
     """Whether the kernel may run in the program being traced: built and registered (once
     per process; False, with the reason logged, where it cannot be) and not switched off."""
-    return not _switched_off.get() and _registered()
+    return not _switched_off and _registered()
 
 
 @functools.cache

@@ -39,6 +39,7 @@ INT4 = "int4"
 # either with an explicit group size ("int4-g128", "int8-g32": GGUF's Q8_0 layout).
 METHODS = (INT8, INT4)
 GROUP_SIZES = (32, 64, 128)
+METHOD_NAMES = tuple(m + g for m in METHODS for g in ("", *(f"-g{n}" for n in GROUP_SIZES)))
 # Rows (B * T) up to which the CPU product runs one vector-matrix loop per row (see above).
 ROW_LOOP_MAX_ROWS = 8
 # Rows up to which jaxllm's CPU kernel (jaxllm.cpu_kernels) multiplies, on one device. Above,

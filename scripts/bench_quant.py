@@ -58,8 +58,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Every shape compiled at load, in this thread: the kernel switch (cpu_kernels.switched_off)
-# holds while a program is traced, and a background compile thread would not see it.
+# Every shape compiled at load or in an untimed round, while the setting's kernel switch
+# (cpu_kernels.switched_off, read when a program is traced) is set; not in the background.
 os.environ["JAXLLM_BACKGROUND_COMPILE"] = "0"
 
 import jax
@@ -96,6 +96,12 @@ class Setting:
         off = contextlib.nullcontext() if self.kernels else cpu_kernels.switched_off()
         with off:
             return jaxllm.LLM.load(path, **options, **self.load_options)
+
+
+def _kernels_of(name: str):
+    """The kernel switch of setting ``name``, for programs compiled after its load."""
+    setting = next(s for s in SETTINGS if s.name == name)
+    return contextlib.nullcontext() if setting.kernels else cpu_kernels.switched_off()
 
 
 SETTINGS = (
@@ -257,11 +263,18 @@ def run_model(name: str, source: Path, windows, texts, prompts, args, read_gbps)
         for llm in engines.values():
             bench_engine.release(llm)
         print(f"  {name}: {CONCURRENCY} concurrent requests, settings taking turns", flush=True)
+        # Compiled on demand (warm_up=False), by an untimed round per count: compiling every
+        # shape of a 32-row engine for each setting took longer than the measurement.
         engines = {
-            s.name: s.load(paths[s.name], max_num_seqs=max(CONCURRENCY), **_options(args))
+            s.name: s.load(
+                paths[s.name], max_num_seqs=max(CONCURRENCY), warm_up=False, **_options(args)
+            )
             for s in settings
         }
         for count in CONCURRENCY:
+            for setting_name, llm in engines.items():
+                with _kernels_of(setting_name):
+                    bench_engine.engine_round(llm, [decode_prompt] * count, 8)
             best: dict[str, float] = {}
             for _ in range(args.rounds):
                 for setting_name, llm in engines.items():
@@ -365,14 +378,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)  # head dim 128, as Llama (int4-g128 fits)
+    p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=[s.name for s in SETTINGS]
     )
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per setting (best kept)")
+    p.add_argument("--models", nargs="+", default=["demo", "random"], choices=["demo", "random"])
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1408, 4, 8, 2
@@ -397,61 +411,66 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results["machine"]["matmul"] = bench_engine.measure_matmul_rate(2048, 5)
     read_gbps = bandwidth["best_read_gbps"]
 
-    print("demo model", flush=True)
-    demo = jaxllm.LLM.load(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, warm_up=False)
-    # Held-out files the model never trained on: the first half is scored, the second half
-    # calibrates pruning (jaxllm.prune.demo_texts).
-    calibration_texts, eval_texts = prune.demo_texts()
-    scored = windows_of(demo, eval_texts, args.windows, args.max_seq_len)
-    prompts = [demo.tokenizer.encode(p) for p in PROMPTS]
-    bench_engine.release(demo)
-    results["demo"] = run_model(
-        "demo",
-        jaxllm.demo.demo_model_dir(),
-        scored,
-        (calibration_texts, eval_texts),
-        prompts,
-        args,
-        read_gbps,
-    )
-
-    print("random model", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench_quant_random_") as folder:
-        hf_dir, source = Path(folder) / "hf", Path(folder) / "orbax"
-        args.prompt_len, args.decode_seq_len = 32, args.max_seq_len
-        results["random_model"] = bench_engine.build_checkpoint(hf_dir, args)
-        orbax_checkpoint.convert_hf_to_orbax(hf_dir, source)  # pruning reads Orbax
-        rng = np.random.default_rng(1)
-        # Random bytes: the random model's "text" (its perplexity means nothing; KL does).
-        noise = ["".join(map(chr, rng.integers(32, 127, 4096))) for _ in range(4)]
-        demo_like = jaxllm.LLM.load(source, mesh={"tensor": 1}, max_seq_len=256, warm_up=False)
-        random_windows = windows_of(demo_like, noise[2:], 4, 128)
-        bench_engine.release(demo_like)
-        random_prompts = bench_engine.make_prompts(len(PROMPTS), 32, seed=2)
-        results["random"] = run_model(
-            "random",
-            source,
-            random_windows,
-            (noise[:2], noise[2:]),
-            random_prompts,
+    if "demo" in args.models:
+        print("demo model", flush=True)
+        demo = jaxllm.LLM.load(mesh={"tensor": 1}, max_seq_len=args.max_seq_len, warm_up=False)
+        # Held-out files the model never trained on: the first half is scored, the second half
+        # calibrates pruning (jaxllm.prune.demo_texts).
+        calibration_texts, eval_texts = prune.demo_texts()
+        scored = windows_of(demo, eval_texts, args.windows, args.max_seq_len)
+        prompts = [demo.tokenizer.encode(p) for p in PROMPTS]
+        bench_engine.release(demo)
+        results["demo"] = run_model(
+            "demo",
+            jaxllm.demo.demo_model_dir(),
+            scored,
+            (calibration_texts, eval_texts),
+            prompts,
             args,
             read_gbps,
         )
-        print("  transformers peer", flush=True)
-        results["peer_transformers"] = run_peer(hf_dir, random_prompts[0], args.decode_tokens)
-    peer, engine = results["peer_transformers"], results["random"]
-    results["ratios"] = {}
-    for name in engine:  # jaxllm batch-1 decode against the peer's, on the same weights
-        tokens_per_s = engine[name]["decode_batch1"]["tokens_per_s"]
-        results["ratios"][f"{name}_vs_transformers_f32"] = tokens_per_s / peer["f32_tokens_per_s"]
-        if "dynamic_int8_tokens_per_s" in peer:
-            results["ratios"][f"{name}_vs_transformers_dynamic_int8"] = (
-                tokens_per_s / peer["dynamic_int8_tokens_per_s"]
+
+    if "random" in args.models:
+        print("random model", flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench_quant_random_") as folder:
+            hf_dir, source = Path(folder) / "hf", Path(folder) / "orbax"
+            args.prompt_len, args.decode_seq_len = 32, args.max_seq_len
+            results["random_model"] = bench_engine.build_checkpoint(hf_dir, args)
+            orbax_checkpoint.convert_hf_to_orbax(hf_dir, source)  # pruning reads Orbax
+            rng = np.random.default_rng(1)
+            # Random bytes: the random model's "text" (its perplexity means nothing; KL does).
+            noise = ["".join(map(chr, rng.integers(32, 127, 4096))) for _ in range(4)]
+            demo_like = jaxllm.LLM.load(source, mesh={"tensor": 1}, max_seq_len=256, warm_up=False)
+            random_windows = windows_of(demo_like, noise[2:], 4, 128)
+            bench_engine.release(demo_like)
+            random_prompts = bench_engine.make_prompts(len(PROMPTS), 32, seed=2)
+            results["random"] = run_model(
+                "random",
+                source,
+                random_windows,
+                (noise[:2], noise[2:]),
+                random_prompts,
+                args,
+                read_gbps,
             )
+            print("  transformers peer", flush=True)
+            results["peer_transformers"] = run_peer(hf_dir, random_prompts[0], args.decode_tokens)
+        peer, engine = results["peer_transformers"], results["random"]
+        results["ratios"] = {}
+        for name in engine:  # jaxllm batch-1 decode against the peer's, on the same weights
+            tokens_per_s = engine[name]["decode_batch1"]["tokens_per_s"]
+            results["ratios"][f"{name}_vs_transformers_f32"] = (
+                tokens_per_s / peer["f32_tokens_per_s"]
+            )
+            if "dynamic_int8_tokens_per_s" in peer:
+                results["ratios"][f"{name}_vs_transformers_dynamic_int8"] = (
+                    tokens_per_s / peer["dynamic_int8_tokens_per_s"]
+                )
     results["total_s"] = time.perf_counter() - started
     report = table(results)
     print(report)
-    print(json.dumps({"peer_transformers": peer, "ratios": results["ratios"]}, indent=1))
+    peers = {k: results[k] for k in ("peer_transformers", "ratios") if k in results}
+    print(json.dumps(peers, indent=1))
     (args.out / "bench_quant.json").write_text(json.dumps(results, indent=1, default=float))
     print(f"wrote {args.out / 'bench_quant.json'} in {results['total_s']:.0f} s")
     return results

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm import cpu_kernels, quantize
+from jaxllm import cli, cpu_kernels, quantize
 from sharding import make_mesh
 
 METHODS = ("int8", "int8-g32", "int4", "int4-g64", "int4-g128")
@@ -60,6 +60,7 @@ def test_grouped_quantization_rounds_each_group_to_within_half_a_step(method):
 
 
 def test_method_names_are_checked_and_grouped_widths_must_divide():
+    assert cli.QUANTIZE_METHODS == quantize.METHOD_NAMES  # the flag's choices
     assert quantize.scheme("int4") == quantize.Scheme(4, 32)
     assert quantize.scheme("int8") == quantize.Scheme(8, None)
     assert quantize.scheme("int4-g128") == quantize.Scheme(4, 128)
