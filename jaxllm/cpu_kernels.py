@@ -135,6 +135,8 @@ def qmatmul(
     ``w``: int8 ``[O, I]`` or packed int4 ``uint8 [O, I / 2]`` (``jaxllm.quantize.pack_int4``);
     ``scale``: one per group of ``I / G`` inputs; ``mins``: asymmetric int4 (``w = scale *
     u + min`` for the unsigned nibble ``u``), else symmetric (``scale * (u - 8)``)."""
+    if not _registered():
+        raise RuntimeError("jaxllm's CPU kernel is not available here (see the log)")
     rows, width = x.shape
     outputs, groups = scale.shape
     bits = 8 if w.dtype == jnp.int8 else 4

@@ -42,9 +42,12 @@ GROUP_SIZES = (32, 64, 128)
 METHOD_NAMES = tuple(m + g for m in METHODS for g in ("", *(f"-g{n}" for n in GROUP_SIZES)))
 # Rows (B * T) up to which the CPU product runs one vector-matrix loop per row (see above).
 ROW_LOOP_MAX_ROWS = 8
-# Rows up to which jaxllm's CPU kernel (jaxllm.cpu_kernels) multiplies, on one device. Above,
-# XLA's matmul of dequantized blocks is as fast (measured with scripts/bench_quant.py).
+# Rows up to which jaxllm's CPU kernel (jaxllm.cpu_kernels) multiplies, on one device: for
+# int8 per channel, above it XLA's matmul of converted blocks is as fast; grouped and int4
+# weights convert slowly in XLA (int4 at 32 rows: kernel 35 ms, XLA 63 ms, float32 22 ms for
+# a [5632, 2048] matrix here), so the kernel keeps them up to chunked-prefill sizes.
 KERNEL_MAX_ROWS = 16
+GROUPED_KERNEL_MAX_ROWS = 64
 # The same for a float weight that is a slice of a stacked array (a scanned layer, an
 # expert): XLA:CPU transposes such a slice before a matmul of 2-4 rows. Measured, 16 sliced
 # [2816, 1024] float32 weights in a scan: 2 rows 12.4 ms as a matmul against 8.2 ms as row
@@ -272,11 +275,13 @@ def linear(
     rows, out = B * T, math.prod(out_shape)
     on_cpu = jax.default_backend() == "cpu"
     wq, s2 = w.reshape(out, -1), scale.reshape(out, -1)  # [O, I or I/2], [O, groups or 1]
-    if kernel and on_cpu and rows <= KERNEL_MAX_ROWS and x2.shape[1] % 32 == 0:
+    grouped = scale.ndim == w.ndim
+    most = GROUPED_KERNEL_MAX_ROWS if grouped else KERNEL_MAX_ROWS
+    if kernel and on_cpu and rows <= most and x2.shape[1] % 32 == 0:
         if cpu_kernels.available():
             y = cpu_kernels.qmatmul(x2, wq, s2)
             return y.astype(out_dtype).reshape(B, T, *out_shape)
-    if scale.ndim == w.ndim:  # grouped scales, int8 or packed int4
+    if grouped:  # grouped scales, int8 or packed int4
         if not on_cpu:  # GPU/TPU compilers fuse the conversion into the matmul
             y = jnp.matmul(x2, dequantize(wq, s2, x.dtype).T, preferred_element_type=jnp.float32)
         else:

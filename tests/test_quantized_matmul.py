@@ -87,7 +87,8 @@ def test_kernel_equals_the_dequantized_product_of_rounded_activations(method):
     q, scale = quantize.quantize(jnp.asarray(_weight(2)), 1, method)
     linear = jax.jit(quantize.linear, static_argnames=("in_dims", "kernel"))
     rng = np.random.default_rng(3)
-    for rows in (1, 2, 3, 4, 5, 8, quantize.KERNEL_MAX_ROWS):
+    most = quantize.scheme(method).group and quantize.GROUPED_KERNEL_MAX_ROWS
+    for rows in (1, 2, 3, 4, 5, 8, most or quantize.KERNEL_MAX_ROWS):
         x = jnp.asarray(rng.standard_normal((1, rows, 256)).astype(np.float32))
         x = x.at[0, 0, 7].set(40.0)  # an outlier: its block's other values round coarsely
         got = np.asarray(linear(x, q, scale, kernel=True))
