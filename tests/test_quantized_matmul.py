@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxllm import cli, cpu_kernels, quantize
+import hf_models
+import jaxllm
+from jaxllm import cli, cpu_kernels, orbax_checkpoint, quantize
+from jaxllm.params import param_bytes
+from jaxllm.tokenizer import byte_level_tokenizer
 from sharding import make_mesh
 
 METHODS = ("int8", "int8-g32", "int4", "int4-g64", "int4-g128")
@@ -158,3 +162,55 @@ def test_xla_spellings_equal_the_dequantized_product_on_meshes(mesh_name, method
         got = np.asarray(linear(x, q, scale))
         want = _reference(x, q, scale, kernel=False)
         np.testing.assert_allclose(got, want, rtol=XLA_RTOL, atol=XLA_RTOL * 50)
+
+
+# -- a whole model in int4 ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Llama whose heads are 32 wide, so that int4's groups of 32 fit every layer."""
+    path = tmp_path_factory.mktemp("llama_int4")
+    hf_models.write("llama3_gqa", path, num_attention_heads=2, num_key_value_heads=1)
+    byte_level_tokenizer().save(path)
+    return path
+
+
+def test_int4_model_loads_converts_and_saves_as_int4_on_one_device_and_a_mesh(hf_dir, tmp_path):
+    ids = np.random.default_rng(3).integers(0, 320, size=40).tolist()
+    options = dict(max_seq_len=64, warm_up=False)
+    f32 = jaxllm.LLM.load(hf_dir, **options)
+    at_load = jaxllm.LLM.load(hf_dir, quantize="int4", **options)  # one device: the kernel
+    out = tmp_path / "int4"
+    assert cli.main(["convert", str(hf_dir), str(out), "--quantize", "int4"]) == 0
+    meta = orbax_checkpoint.read_metadata(out)
+    assert meta["quantization"] == "int4"
+    assert meta["params"]["layers.0.mlp.w_up"] == {"shape": [96, 32], "dtype": "uint8"}
+    assert meta["params"]["layers.0.mlp.w_up_scale"]["shape"] == [96, 2]
+    assert meta["params"]["layers.0.attn.wo"]["shape"] == [64, 2, 16]  # [D, N, H / 2]
+    assert meta["params"]["embed"]["dtype"] == "int8"  # the table stays int8 per row
+    stored = jaxllm.LLM.load(out, **options)
+    sharded = jaxllm.LLM.load(out, mesh={"data": 2, "tensor": 4}, **options)
+    assert stored.runner.spec.quantized == sharded.runner.spec.quantized == "int4"
+
+    # The same int4 arrays whether quantized at load or stored: the same logits. On the mesh
+    # XLA multiplies (activations not rounded to int8): close, not equal.
+    np.testing.assert_array_equal(stored.logits(ids), at_load.logits(ids))
+    np.testing.assert_allclose(sharded.logits(ids), at_load.logits(ids), rtol=0.05, atol=0.1)
+    # Rounding to 4 bits moved the logits, but they still follow the float model's.
+    base, got = np.asarray(f32.logits(ids)), np.asarray(at_load.logits(ids))
+    assert np.abs(got - base).max() > 1e-3
+    assert np.corrcoef(got.ravel(), base.ravel())[0, 1] > 0.95
+    ratio = param_bytes(at_load.runner.state) / param_bytes(f32.runner.state)
+    assert ratio < 0.3, ratio  # layer weights 0.16x; the int8 embedding and head weigh more
+
+    # Decode (the kernel on one device, XLA's code on the mesh): every token generated.
+    for llm in (at_load, sharded):
+        done = llm.generate("hello", max_tokens=6, temperature=0, ignore_eos=True)
+        assert len(done.token_ids) == 6
+
+    again = tmp_path / "saved"
+    orbax_checkpoint.save_state(at_load.runner.state, at_load.config, again, tokenizer_dir=hf_dir)
+    assert orbax_checkpoint.read_quantization(again) == "int4"
+    for llm in (f32, at_load, stored, sharded):
+        llm.close()
