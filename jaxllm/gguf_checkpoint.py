@@ -6,9 +6,12 @@ checks it as it checks any config.json. Weights are read one tensor at a time: e
 dequantized on the host to float32 (``gguf.quants.dequantize``, the same code transformers
 uses), put back into Hugging Face's layout where llama.cpp's converter changed it, and placed
 into its shards by ``hf_checkpoint.read_into_shards``; so host memory holds one tensor beside
-the model. With ``quantize="int8"`` each dequantized weight is quantized again in its shards
-(``ModelSpec.fill_from_float``): a Q8_0 file then runs as int8 weights with per-channel scales,
-close to but not bit-identical with its 32-value blocks.
+the model. Quantized (``quantize=``), Q8_0 and Q4_0 layer weights are kept as they are where
+the method stores the same blocks (``int8-g32`` and ``int4``: ``PACKED``), values and scales
+placed straight into their shards without a float copy; any other tensor is dequantized and
+quantized again in its shards (``ModelSpec.fill_from_float``): a Q8_0 file loaded with
+``quantize="int8"`` runs with per-channel scales, close to but not bit-identical with its
+32-value blocks.
 
 Two details of the format matter here. GGUF lists dimensions innermost first (``ne[0]`` is the
 input dimension of a weight), so the reader's numpy view of a ``[out, in]`` matrix has
@@ -31,6 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxllm import quantize as quant
 from jaxllm.config import ConfigError, ModelConfig
 from jaxllm.hf_checkpoint import CheckpointError, Stored, hf_layout, read_into_shards
 from jaxllm.params import ModelSpec
@@ -38,6 +42,9 @@ from jaxllm.tokenizer import Tokenizer
 
 MAGIC = b"GGUF"
 Q = gguf.GGMLQuantizationType
+# Block types whose bytes are a jaxllm.quantize format: loaded as they are, without a float
+# copy, when the model is quantized with that method.
+PACKED = {Q.Q8_0: "int8-g32", Q.Q4_0: "int4"}
 # Tensor types this loader dequantizes (all through gguf.quants); others are refused by name.
 DEQUANTIZABLE = frozenset(
     [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
@@ -268,6 +275,28 @@ class GGUFFile:
             array = array - np.float32(family.norm_offset)
         return array
 
+    def packed_method(self, name: str) -> str | None:
+        """The ``jaxllm.quantize`` method whose arrays tensor ``name``'s blocks are, bit for
+        bit (Q8_0: int8-g32, Q4_0: int4), or None."""
+        return PACKED.get(self.tensors[name].tensor_type)
+
+    def read_packed(self, ours: str, stored: Stored) -> tuple[np.ndarray, np.ndarray]:
+        """A Q8_0 or Q4_0 weight's values and scales as stored, in Hugging Face's layout: int8
+        ``[O, I]`` or packed int4 ``uint8 [O, I / 2]`` (``jaxllm.quantize.pack_int4``'s layout
+        is Q4_0's), and float32 scales ``[O, I / 32]``. No float copy is made."""
+        tensor = self.tensors[stored.name]
+        out, width = stored.shape
+        blocks = np.asarray(tensor.data).reshape(out, width // 32, -1)  # [d: f16, values]
+        scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+        values = np.ascontiguousarray(blocks[..., 2:])
+        if tensor.tensor_type == Q.Q8_0:
+            values = values.view(np.int8)
+        values = values.reshape(out, -1)
+        if self.family.permuted_qk and ours.split(".")[-1] in ("wq", "wk"):
+            values = _unpermute_heads(values, heads=stored.view[0])
+            scale = _unpermute_heads(scale, heads=stored.view[0])
+        return values, scale.astype(np.float32)
+
     def stored_dtype(self) -> np.dtype:
         """The float dtype most of the weights' bytes come from (quantized: bfloat16)."""
         by_type: dict[Any, int] = {}
@@ -360,7 +389,29 @@ def load_gguf_state(
             on_tensor(name, int(np.prod(stored.shape)) * array.dtype.itemsize)
         return array
 
-    return spec.fill_from_float(read)
+    def read_packed(name: str, targets: dict) -> dict[str, jax.Array] | None:
+        stored = layout[name]
+        method = spec.quantized
+        packed = file.packed_method(stored.name)
+        if packed is None or quant.method_for(name, method) != method:
+            return None
+        if quant.scheme(packed) != quant.scheme(method) or len(stored.shape) != 2:
+            return None
+        if stored.perm[-1] != len(stored.view) - 1:  # the input axis must stay last
+            return None
+        values, scale = file.read_packed(name, stored)
+        out = {}
+        for key, host in ((name, values), (quant.scale_name(name), scale)):
+            ratio = stored.shape[1] // host.shape[1]  # 1, 2 (int4) or 32 (scales)
+            view = (*stored.view[:-1], stored.view[-1] // ratio)
+            placed = dataclasses.replace(stored, shape=host.shape, view=view)
+            out[key] = read_into_shards(host, placed, targets[key], spec.head_maps(key))
+            out[key].block_until_ready()
+        if on_tensor is not None:
+            on_tensor(name, values.nbytes + scale.nbytes)
+        return out
+
+    return spec.fill_from_float(read, read_packed)
 
 
 def jaxllm_arrays(file: GGUFFile, cfg: ModelConfig, dtype) -> Iterator[tuple[str, np.ndarray]]:

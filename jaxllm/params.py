@@ -178,11 +178,15 @@ class ModelSpec:
         return graphdef, state
 
     def fill_from_float(
-        self, read: Callable[[str, jax.ShapeDtypeStruct], jax.Array]
+        self,
+        read: Callable[[str, jax.ShapeDtypeStruct], jax.Array],
+        read_quantized: Callable[[str, dict], dict[str, jax.Array] | None] | None = None,
     ) -> tuple[nnx.GraphDef, nnx.State]:
         """``fill`` from a source that holds every weight in float (a Hugging Face folder, a
         float checkpoint): for a quantized spec, each weight is read as float into its shards,
-        quantized there and dropped before the next, so no float copy of the model exists."""
+        quantized there and dropped before the next, so no float copy of the model exists.
+        ``read_quantized(name, targets)``: a weight and its scale already in this spec's
+        format (a GGUF file's Q4_0 blocks), by parameter name, or None: read it as float."""
         if self.quantized is None:
             return self.fill(read)
         done: dict[str, jax.Array] = {}
@@ -198,6 +202,10 @@ class ModelSpec:
             weight = float_names.get(name, name)
             if quantize.input_dims(weight) is None:  # norms, biases
                 return read(name, target)
+            stored = None if read_quantized is None else read_quantized(weight, targets)
+            if stored is not None:
+                done.update(stored)
+                return done.pop(name)
             target = targets[weight]
             shape = quantize.float_shape(target.shape, target.dtype)
             as_float = jax.ShapeDtypeStruct(shape, self.dtype, sharding=target.sharding)

@@ -16,9 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_models
 import jaxllm
+from jaxllm import quantize
 from jaxllm.config import ConfigError
 from jaxllm.gguf_checkpoint import GGUFFile, is_gguf_file
 from jaxllm.hf_checkpoint import CheckpointError
+from jaxllm.params import named_params
 
 Q = gguf.GGMLQuantizationType
 WORDS = [
@@ -220,6 +222,15 @@ FILES["gemma3_q8"] = (
         sliding_window=16,
     ),
 )
+# Heads 32 wide, so that the blocks of 32 fit every layer's inputs: kept packed when loaded.
+for _qtype in (Q.Q4_0, Q.Q8_0):
+    FILES[f"llama_{_qtype.name.lower()}_h32"] = (
+        "llama3_gqa",
+        "llama",
+        "bpe",
+        _qtype,
+        {"num_attention_heads": 2, "num_key_value_heads": 1},
+    )
 FILES["llama31_rope"] = (
     "llama31_rope_scaling",
     "llama",
@@ -339,6 +350,36 @@ def test_q8_0_runs_as_int8(files):
     )
     assert llm.runner.spec.quantized == "int8"
     # Per-channel int8 rounding on top of Q8_0's per-block rounding: a few percent.
+    assert np.abs(llm.logits(ids) - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    "name, method, dtype",
+    [("llama_q4_0_h32", "int4", "uint8"), ("llama_q8_0_h32", "int8-g32", "int8")],
+)
+def test_q4_0_and_q8_0_blocks_load_packed_equal_to_ggufs_dequantization(files, name, method, dtype):
+    path = files(name)
+    llm = jaxllm.LLM.load(
+        path, quantize=method, warm_up=False, start=False, max_seq_len=64, max_num_seqs=2
+    )
+    file = GGUFFile(path)
+    layout = file.layout(llm.config.stored)
+    params = named_params(llm.runner.state)
+    # Q/K rows are permuted by llama.cpp (undone here), wo's input axis is split into heads.
+    for weight in (
+        "layers.0.attn.wq",
+        "layers.0.attn.wk",
+        "layers.1.attn.wo",
+        "layers.0.mlp.w_down",
+    ):
+        q, scale = params[weight].value(), params[quantize.scale_name(weight)].value()
+        assert q.dtype == dtype
+        stored = layout[weight]
+        want = file.read(weight, stored).reshape(stored.view).transpose(stored.perm)
+        np.testing.assert_array_equal(np.asarray(quantize.dequantize(q, scale)), want)
+    ids = list(range(3, 43))
+    expected = hf_models.torch_logits(reference_model(path), [ids]).numpy()[0]
+    # transformers runs the dequantized file; the CPU kernel rounds activations to int8.
     assert np.abs(llm.logits(ids) - expected).max() <= 0.05 * np.abs(expected).max()
 
 
