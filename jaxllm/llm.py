@@ -107,10 +107,12 @@ class LLM:
         With ``start=False`` the engine's threads do not run: a multi-host follower
         (``jaxllm.lockstep``) replays the leader's steps.
 
-        ``quantize="int8"`` stores every weight in int8 with per-output-channel scales
-        (``jaxllm.quantize``), quantizing a float checkpoint one weight at a time as it is
-        read; a checkpoint saved quantized (``jaxllm convert --quantize int8``) loads
-        quantized whatever this says.
+        ``quantize="int8"`` stores every weight in int8 with per-output-channel scales,
+        ``"int4"`` the layers' weights in int4 with a scale per 32 inputs (``-g64``,
+        ``-g128``: wider groups; ``jaxllm.quantize``), quantizing a float checkpoint one
+        weight at a time as it is read (a GGUF file's Q4_0/Q8_0 blocks are kept as they are
+        for ``int4``/``int8-g32``); a checkpoint saved quantized (``jaxllm convert
+        --quantize``) loads quantized whatever this says.
 
         ``warm_up_prompt_logprobs=True`` also compiles the prompt-scoring pass for every
         prompt-length bucket at warm-up (``jaxllm.scoring``), so ``prompt_logprobs``
