@@ -1,23 +1,33 @@
-"""int8 weights: per-output-channel quantization, and the matmul that reads int8 directly.
+"""Quantized weights (int8 per channel or per group, int4 per group) and their matmul.
 
-A quantized weight ``w [out..., in...]`` is stored as ``q = round(w / s)`` in int8 with one
-float32 scale per output channel, ``s = max|w[o, :]| / 127``, so ``x @ w.T == (x @ q.T) * s``
-up to the rounding of ``q``. The scale is a parameter of its own (``<weight>_scale``, with
-the weight's output axes), so quantized weights shard by the same logical rules as float
-ones, and a checkpoint stores them like any other parameter.
+A weight ``w [out..., in...]`` quantized with method ``int8`` is ``q = round(w / s)`` in int8
+with one float32 scale per output channel, ``s = max|w[o, :]| / 127``, so ``x @ w.T == (x @
+q.T) * s`` up to the rounding of ``q``. Grouped methods (``int8-g32``, ``int4`` = ``int4-g32``,
+``int4-g64``, ``int4-g128``) keep one scale per group of that many consecutive inputs of a
+channel (``max / 127`` or ``max / 7``); int4 values (-8..7) are packed two per byte in blocks
+of 32 (``pack_int4``: GGUF's Q4_0 layout, so such a file loads as it is). The scale is a
+parameter of its own (``<weight>_scale``: the weight's output axes, or all its axes with the
+last counting groups), so quantized weights shard by the same logical rules as float ones,
+and a checkpoint stores them like any other parameter. ``method_for`` says which weights
+keep int8 per channel whatever the method (embedding, head, experts).
 
-Which matmul: the weight stays int8 in memory and is converted inside the jitted step.
-Measured on XLA:CPU (jax 0.10, 12 [2816, 1024] matrices, calls interleaved in one process):
-- one row (batch-1 decode) written as ``v @ q.astype(f32).T`` with ``v`` a vector: XLA fuses
-  the conversion into its own vector-matrix loop and reads the int8 bytes once, 2.0 ms against
-  5.5 ms for the float32 matvec. Other spellings of the same product (an einsum over
-  ``[B, T, D]``, ``q @ v``) miss that fusion and convert the whole matrix first: 55 ms.
-- a few rows: one such vector product per row beats float32 up to 8 rows (4 rows: 10.8 ms
-  against 25.4 ms for float32 under the same load), because small float32 matmuls stream
-  their weights slowly on this backend.
-- many rows (prefill, wide decode batches): a loop converts 256 weight rows at a time and
-  multiplies them as an ordinary float matmul; at 16-256 rows that was as fast as float32 or
-  faster (converting the whole matrix up front was 2.5-13x slower).
+Which matmul (``linear``), measured on XLA:CPU (jax 0.10, [5632, 2048] and [2816, 1024]
+matrices, interleaved in one process; scripts/bench_quant.py measures whole models):
+- on one device, up to ``KERNEL_MAX_ROWS`` rows (``GROUPED_KERNEL_MAX_ROWS`` for grouped
+  and int4 weights): jaxllm's kernel (``jaxllm.cpu_kernels``), which rounds activations to
+  int8 per block of 32 and multiplies in integers: one row of a [5632, 2048] matrix 0.71-0.79
+  ms for int4 and int8 against 2.05 ms for float32 (XLA's own int8 loop: 1.0 ms, int4: 3.7-14
+  ms depending on the spelling, int4 cannot be unpacked fast inside XLA's loop here).
+- otherwise, int8 per channel, one row: ``v @ q.astype(f32).T`` with ``v`` a vector: XLA
+  fuses the conversion into its own vector-matrix loop and reads the int8 bytes once (2.0 ms
+  against 5.5 ms for the float32 matvec of a [2816, 1024] x 12 stack). Other spellings of
+  the same product (an einsum over ``[B, T, D]``, ``q @ v``) miss that fusion and convert
+  the whole matrix first: 55 ms. Up to 8 rows: one such product per row.
+- many rows (prefill, wide decode batches) or grouped weights without the kernel: a loop
+  converts 256 weight rows at a time and multiplies them as an ordinary float matmul
+  (converting the whole matrix up front was 2.5-13x slower).
+- int8 x int8 -> int32 with activations quantized per row (w8a8) as XLA spells it: 15 ms
+  for one row (no fast path), about float32's time at 32-64 rows; not used.
 On GPU and TPU the conversion is left to the compiler, which fuses it into the matmul.
 """
 
