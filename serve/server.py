@@ -23,7 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from jaxllm.llm import LLM
-from serve import multihost
+from serve import faults, multihost
 from serve.admission import Admission
 from serve.auth import BearerTokenInterceptor, load_token, server_credentials
 from serve.config import ServeConfig
@@ -33,6 +33,12 @@ from serve.proto import jaxllm_pb2_grpc as pb_grpc
 from serve.servicer import LLMServicer
 
 log = logging.getLogger(__name__)
+
+# Exit code of a server whose engine failed: a supervisor (Kubernetes, SLURM) restarts it.
+EXIT_ENGINE_FAILED = 4
+# Once the engine failed, clients get this long to read their UNAVAILABLE (and probes to see
+# NOT_SERVING) before the process exits.
+_FAILED_GRACE_S = 1.0
 
 SERVICE = jaxllm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name  # "jaxllm.v1.LLM"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -85,6 +91,7 @@ class Server:
         limits = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ]
         interceptors = [BearerTokenInterceptor(self.token)] if self.token else []
         self.grpc = grpc.aio.server(interceptors=interceptors, options=limits)
@@ -126,6 +133,7 @@ class Server:
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         self.llm = await loop.run_in_executor(None, _load, self.config, self.metrics)
+        faults.arm(self.llm.engine)
         if jax.process_count() > 1:
             self.leader = await loop.run_in_executor(None, multihost.lead, self.llm, self.config)
         self.admission = Admission(self.llm.engine.config.max_num_seqs, self.config.max_queue)
@@ -180,7 +188,8 @@ async def serve(config: ServeConfig) -> int:
         print(f"jaxllm: metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
     if server.http_port is not None:
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6
-        print(f"jaxllm: OpenAI API on http://{host}:{server.http_port}/v1", flush=True)
+        scheme = "https" if config.tls_cert else "http"
+        print(f"jaxllm: OpenAI API on {scheme}://{host}:{server.http_port}/v1", flush=True)
     started = time.perf_counter()
     load = asyncio.ensure_future(server.load())
     stopped = asyncio.ensure_future(stop.wait())
@@ -193,7 +202,13 @@ async def serve(config: ServeConfig) -> int:
         print(f"jaxllm: serving {server.llm.name} on {config.host}:{server.port}", flush=True)
         if config.sample_prompt:
             await _print_sample(server.llm, config)
-        await stopped
+        await asyncio.wait([stopped, server._watcher], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():  # the engine failed: its requests already got UNAVAILABLE
+            await asyncio.sleep(_FAILED_GRACE_S)
+            server.config = config.replace(drain_timeout_s=0)  # nothing can finish now
+            await server.drain()
+            print(f"jaxllm: error: engine failed: {server.llm.engine.failure}", flush=True)
+            return EXIT_ENGINE_FAILED
     else:
         await asyncio.wait([load])  # the loading thread cannot be interrupted
     await server.drain()
