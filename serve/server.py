@@ -18,6 +18,7 @@ import time
 
 import grpc
 import jax
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -45,6 +46,44 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _Undecodable:
+    """A request whose bytes are no valid message (invalid UTF-8 in a string field, a corrupt
+    wire format): the handler answers INVALID_ARGUMENT. gRPC itself would log a traceback and
+    answer UNKNOWN when the deserializer raises."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _tolerant(message_type):
+    def deserialize(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return _Undecodable(str(e))
+
+    return deserialize
+
+
+def _add_llm_service(switch: _Switch, server: grpc.aio.Server) -> None:
+    """``pb_grpc.add_LLMServicer_to_server`` with deserializers that never raise."""
+    kinds = {
+        "Generate": (grpc.unary_stream_rpc_method_handler, "GenerateRequest", "GenerateResponse"),
+        "Tokenize": (grpc.unary_unary_rpc_method_handler, "TokenizeRequest", "TokenizeResponse"),
+        "GetModelInfo": (grpc.unary_unary_rpc_method_handler, "GetModelInfoRequest", "ModelInfo"),
+        "GetStats": (grpc.unary_unary_rpc_method_handler, "GetStatsRequest", "ServerStats"),
+    }
+    handlers = {
+        name: handler(
+            getattr(switch, name),
+            request_deserializer=_tolerant(getattr(jaxllm_pb2, request)),
+            response_serializer=getattr(jaxllm_pb2, response).SerializeToString,
+        )
+        for name, (handler, request, response) in kinds.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
 class _Switch(pb_grpc.LLMServicer):
     """Answers UNAVAILABLE until the model is ready, then forwards to the real servicer (which
     cannot exist before the model does, while gRPC wants its servicers before it starts)."""
@@ -52,24 +91,28 @@ class _Switch(pb_grpc.LLMServicer):
     def __init__(self):
         self.target: LLMServicer | None = None
 
-    async def _ready(self, context) -> LLMServicer:
+    async def _ready(self, context, request) -> LLMServicer:
+        if isinstance(request, _Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a valid message: {request.reason}"
+            )
         if self.target is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading; watch health")
         return self.target
 
     async def Generate(self, request, context):
-        target = await self._ready(context)
+        target = await self._ready(context, request)
         async for message in target.Generate(request, context):
             yield message
 
     async def Tokenize(self, request, context):
-        return await (await self._ready(context)).Tokenize(request, context)
+        return await (await self._ready(context, request)).Tokenize(request, context)
 
     async def GetModelInfo(self, request, context):
-        return await (await self._ready(context)).GetModelInfo(request, context)
+        return await (await self._ready(context, request)).GetModelInfo(request, context)
 
     async def GetStats(self, request, context):
-        return await (await self._ready(context)).GetStats(request, context)
+        return await (await self._ready(context, request)).GetStats(request, context)
 
 
 class Server:
@@ -95,7 +138,7 @@ class Server:
         ]
         interceptors = [BearerTokenInterceptor(self.token)] if self.token else []
         self.grpc = grpc.aio.server(interceptors=interceptors, options=limits)
-        pb_grpc.add_LLMServicer_to_server(self.switch, self.grpc)
+        _add_llm_service(self.switch, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(

@@ -68,7 +68,7 @@ def sampling_params(draw, wild: frozenset[str]) -> pb.SamplingParams:
     )
     for name, valid, hostile in (
         ("temperature", st.floats(0, 2, width=32), FLOAT32),
-        ("top_p", st.floats(0.1, 1, width=32), FLOAT32),
+        ("top_p", st.floats(0.125, 1, width=32), FLOAT32),
         ("seed", st.integers(0, 2**32), UINT64),
         ("speculative", st.just(False), st.booleans()),
     ):

@@ -49,6 +49,10 @@ def summary():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = write_model(tmp_path_factory.mktemp("fuzz_model"))
+    config_file = model / "tokenizer_config.json"  # a chat template, for the chat route
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "chat_template": template}))  # fmt: skip
     args = ["--model", str(model), "--no-metrics", "--http-port", "0"]
     args += ["--max-num-seqs", str(SLOTS), "--max-queue", str(QUEUE)]
     args += ["--max-seq-len", str(CONTEXT), "--served-model-name", "m"]
