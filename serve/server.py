@@ -284,7 +284,7 @@ async def _print_sample(llm: LLM, config: ServeConfig) -> None:
 async def _watch_engine(llm: LLM, health: health_aio.HealthServicer) -> None:
     """Flips health to NOT_SERVING if the engine dies; its requests already failed."""
     while llm.engine.failure is None:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.05)  # cheap; load balancers see the failure within a poll
     log.error("engine failed: %s; health is NOT_SERVING", llm.engine.failure)
     await _set_health(health, _NOT_SERVING)
 
