@@ -127,7 +127,10 @@ class ServeConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ServeConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:  # jaxllm serve answers ValueErrors without a traceback
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of ServeConfig fields")
         if not all(isinstance(k, str) for k in data):
