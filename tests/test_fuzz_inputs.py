@@ -33,7 +33,9 @@ def _config_texts(draw) -> str:
         return draw(
             fz.TEXT | st.sampled_from(["[1, 2]", "{a: [", "- x", "!!python/object:os.system"])
         )
-    data = {name: draw(_YAML_VALUES) for name in draw(st.lists(st.sampled_from(_FIELDS)))}
+    data = {
+        name: draw(_YAML_VALUES) for name in draw(st.lists(st.sampled_from(_FIELDS), max_size=5))
+    }
     if draw(st.booleans()):
         engine = draw(st.lists(st.sampled_from(_ENGINE_FIELDS), max_size=3))
         data["engine"] = {name: draw(_YAML_VALUES) for name in engine}
