@@ -151,3 +151,13 @@ def test_fuzzed_generate_arguments_of_the_notebook_api(llm):
     check()
     assert outcomes["ok"] and outcomes["refused"], outcomes
     assert llm.generate("still", max_tokens=2, temperature=0).finish_reason == "length"
+
+
+@pytest.mark.parametrize("text", ["{", "\x1f", "a: [1,"])
+def test_a_config_file_that_is_not_yaml_is_a_value_error(tmp_path, text):
+    """Regression (found by fuzzing): yaml's own errors reached `jaxllm serve` as tracebacks."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="not valid YAML"):
+        ServeConfig.from_yaml(path)
+    assert cli.main(["serve", "--config", str(path)]) == 2

@@ -152,6 +152,15 @@ def test_fuzzed_raw_bytes_and_invalid_utf8(server):
     _still_serves(server)
 
 
+def test_invalid_utf8_is_invalid_argument_without_a_traceback(server):
+    """Regression (found by fuzzing): gRPC answered UNKNOWN and logged a traceback."""
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as e:
+        list(_raw_generate(channel)(_field(1, b"\xff\xfe"), timeout=CALL_TIMEOUT_S))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in e.value.details()
+    assert "Traceback" not in server.log()
+
+
 def test_fuzzed_tokenize_requests(server):
     seen = OUTCOMES["grpc.Tokenize"]
     with grpc.insecure_channel(server.target) as channel:
