@@ -9,6 +9,7 @@ keys. Unknown keys are errors, so a typo never silently does nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,14 @@ class ServeConfig:
     stream_interval: int = 1
     # On SIGTERM/SIGINT, in-flight streams get this long to finish before they are cancelled.
     drain_timeout_s: float = 30.0
+    # Largest gRPC message and HTTP request body (HTTP: 413 beyond it).
     max_message_bytes: int = 4 * 1024 * 1024
+    # gRPC streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+    # a client's further calls wait in its channel until one ends, as HTTP/2 prescribes.
+    max_concurrent_streams: int = 128
+    # HTTP connections and requests the HTTP server handles at once (HTTP/1.1 carries one
+    # request at a time per connection); beyond it uvicorn answers 503 at once.
+    max_http_connections: int = 512
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
@@ -81,6 +89,7 @@ class ServeConfig:
     lockstep_port: int = 0  # process 0's side channel to the others; 0 = any free port
 
     def __post_init__(self):
+        _check_types(self)
         object.__setattr__(self, "engine", dict(self.engine or {}))
         EngineConfig(**self.engine)  # raises on unknown or invalid engine fields
         if not 0 <= self.port < 65536:
@@ -95,6 +104,17 @@ class ServeConfig:
             raise ValueError("max_queue, default_max_tokens and drain_timeout_s must be >= 0/1/0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key")
+        limits = ("max_message_bytes", "max_concurrent_streams", "max_http_connections")
+        limits += ("max_stop_strings", "max_stop_string_chars", "max_stop_token_ids")
+        limits += ("max_structured_chars", "sample_tokens")
+        for name in limits:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("drain_timeout_s", "peer_timeout_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.peer_timeout_s <= 0 or not 0 <= self.lockstep_port < 65536:
             raise ValueError("peer_timeout_s must be > 0 and lockstep_port in [0, 65536)")
         # An incomplete or inconsistent process set-up fails here, before anything starts.
@@ -107,9 +127,14 @@ class ServeConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ServeConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:  # jaxllm serve answers ValueErrors without a traceback
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of ServeConfig fields")
+        if not all(isinstance(k, str) for k in data):
+            raise ValueError(f"{path}: every key must be a ServeConfig field name (a string)")
         return cls.from_dict({**data, **overrides}, source=str(path))
 
     @classmethod
@@ -150,3 +175,25 @@ class ServeConfig:
     @property
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**self.engine)
+
+
+# What each field's annotation admits (a YAML file or a caller can hand over any type; a wrong
+# one must be a clear error, not a comparison failing deep inside).
+_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_types(config: ServeConfig) -> None:
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        spelled = str(field.type).replace(" ", "")
+        optional = spelled.endswith("|None")
+        kinds = _KINDS.get(spelled.removesuffix("|None"))
+        if kinds is None:  # engine: a mapping, checked by EngineConfig
+            if field.name == "engine" and not isinstance(value, Mapping | None):
+                raise TypeError(f"engine must be a mapping of EngineConfig fields, got {value!r}")
+            continue
+        if value is None and optional:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if wrong_bool or not isinstance(value, kinds):
+            raise TypeError(f"{field.name} must be {spelled.replace('|', ' or ')}, got {value!r}")

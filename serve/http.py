@@ -91,6 +91,11 @@ class HttpFrontEnd:
             server_header=False,
             timeout_graceful_shutdown=1,
             timeout_keep_alive=30,
+            # Bounds open connections plus running requests: beyond it, 503 before any work.
+            limit_concurrency=self.config.max_http_connections,
+            # The same certificate and key as gRPC: one TLS switch for both front ends.
+            ssl_certfile=self.config.tls_cert,
+            ssl_keyfile=self.config.tls_key,
         )
         sock = config.bind_socket()
         self.port = sock.getsockname()[1]

@@ -18,12 +18,13 @@ import time
 
 import grpc
 import jax
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from jaxllm.llm import LLM
-from serve import multihost
+from serve import faults, multihost
 from serve.admission import Admission
 from serve.auth import BearerTokenInterceptor, load_token, server_credentials
 from serve.config import ServeConfig
@@ -34,9 +35,53 @@ from serve.servicer import LLMServicer
 
 log = logging.getLogger(__name__)
 
+# Exit code of a server whose engine failed: a supervisor (Kubernetes, SLURM) restarts it.
+EXIT_ENGINE_FAILED = 4
+# Once the engine failed, clients get this long to read their UNAVAILABLE (and probes to see
+# NOT_SERVING) before the process exits.
+_FAILED_GRACE_S = 1.0
+
 SERVICE = jaxllm_pb2.DESCRIPTOR.services_by_name["LLM"].full_name  # "jaxllm.v1.LLM"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _Undecodable:
+    """A request whose bytes are no valid message (invalid UTF-8 in a string field, a corrupt
+    wire format): the handler answers INVALID_ARGUMENT. gRPC itself would log a traceback and
+    answer UNKNOWN when the deserializer raises."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _tolerant(message_type):
+    def deserialize(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return _Undecodable(str(e))
+
+    return deserialize
+
+
+def _add_llm_service(switch: _Switch, server: grpc.aio.Server) -> None:
+    """``pb_grpc.add_LLMServicer_to_server`` with deserializers that never raise."""
+    kinds = {
+        "Generate": (grpc.unary_stream_rpc_method_handler, "GenerateRequest", "GenerateResponse"),
+        "Tokenize": (grpc.unary_unary_rpc_method_handler, "TokenizeRequest", "TokenizeResponse"),
+        "GetModelInfo": (grpc.unary_unary_rpc_method_handler, "GetModelInfoRequest", "ModelInfo"),
+        "GetStats": (grpc.unary_unary_rpc_method_handler, "GetStatsRequest", "ServerStats"),
+    }
+    handlers = {
+        name: handler(
+            getattr(switch, name),
+            request_deserializer=_tolerant(getattr(jaxllm_pb2, request)),
+            response_serializer=getattr(jaxllm_pb2, response).SerializeToString,
+        )
+        for name, (handler, request, response) in kinds.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 class _Switch(pb_grpc.LLMServicer):
@@ -46,24 +91,28 @@ class _Switch(pb_grpc.LLMServicer):
     def __init__(self):
         self.target: LLMServicer | None = None
 
-    async def _ready(self, context) -> LLMServicer:
+    async def _ready(self, context, request) -> LLMServicer:
+        if isinstance(request, _Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a valid message: {request.reason}"
+            )
         if self.target is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading; watch health")
         return self.target
 
     async def Generate(self, request, context):
-        target = await self._ready(context)
+        target = await self._ready(context, request)
         async for message in target.Generate(request, context):
             yield message
 
     async def Tokenize(self, request, context):
-        return await (await self._ready(context)).Tokenize(request, context)
+        return await (await self._ready(context, request)).Tokenize(request, context)
 
     async def GetModelInfo(self, request, context):
-        return await (await self._ready(context)).GetModelInfo(request, context)
+        return await (await self._ready(context, request)).GetModelInfo(request, context)
 
     async def GetStats(self, request, context):
-        return await (await self._ready(context)).GetStats(request, context)
+        return await (await self._ready(context, request)).GetStats(request, context)
 
 
 class Server:
@@ -85,10 +134,11 @@ class Server:
         limits = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ]
         interceptors = [BearerTokenInterceptor(self.token)] if self.token else []
         self.grpc = grpc.aio.server(interceptors=interceptors, options=limits)
-        pb_grpc.add_LLMServicer_to_server(self.switch, self.grpc)
+        _add_llm_service(self.switch, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(
@@ -126,6 +176,7 @@ class Server:
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         self.llm = await loop.run_in_executor(None, _load, self.config, self.metrics)
+        faults.arm(self.llm.engine)
         if jax.process_count() > 1:
             self.leader = await loop.run_in_executor(None, multihost.lead, self.llm, self.config)
         self.admission = Admission(self.llm.engine.config.max_num_seqs, self.config.max_queue)
@@ -180,7 +231,8 @@ async def serve(config: ServeConfig) -> int:
         print(f"jaxllm: metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
     if server.http_port is not None:
         host = f"[{config.host}]" if ":" in config.host else config.host  # IPv6
-        print(f"jaxllm: OpenAI API on http://{host}:{server.http_port}/v1", flush=True)
+        scheme = "https" if config.tls_cert else "http"
+        print(f"jaxllm: OpenAI API on {scheme}://{host}:{server.http_port}/v1", flush=True)
     started = time.perf_counter()
     load = asyncio.ensure_future(server.load())
     stopped = asyncio.ensure_future(stop.wait())
@@ -193,7 +245,13 @@ async def serve(config: ServeConfig) -> int:
         print(f"jaxllm: serving {server.llm.name} on {config.host}:{server.port}", flush=True)
         if config.sample_prompt:
             await _print_sample(server.llm, config)
-        await stopped
+        await asyncio.wait([stopped, server._watcher], return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():  # the engine failed: its requests already got UNAVAILABLE
+            await asyncio.sleep(_FAILED_GRACE_S)
+            server.config = config.replace(drain_timeout_s=0)  # nothing can finish now
+            await server.drain()
+            print(f"jaxllm: error: engine failed: {server.llm.engine.failure}", flush=True)
+            return EXIT_ENGINE_FAILED
     else:
         await asyncio.wait([load])  # the loading thread cannot be interrupted
     await server.drain()
@@ -226,7 +284,7 @@ async def _print_sample(llm: LLM, config: ServeConfig) -> None:
 async def _watch_engine(llm: LLM, health: health_aio.HealthServicer) -> None:
     """Flips health to NOT_SERVING if the engine dies; its requests already failed."""
     while llm.engine.failure is None:
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.05)  # cheap; load balancers see the failure within a poll
     log.error("engine failed: %s; health is NOT_SERVING", llm.engine.failure)
     await _set_health(health, _NOT_SERVING)
 

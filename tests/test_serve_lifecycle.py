@@ -11,10 +11,13 @@ import threading
 import time
 
 import grpc
+import httpx
 import pytest
 
 from serve.client import AsyncClient, Client
 from serve.config import ServeConfig
+from serve.proto import jaxllm_pb2 as pb
+from serve.proto import jaxllm_pb2_grpc as pb_grpc
 from serve.server import Server
 from server_process import ServerProcess, write_model
 
@@ -48,9 +51,10 @@ def server(tmp_path_factory, tls_files, model):
     token_file.write_text(TOKEN + "\n")
     args = ["--model", str(model), "--max-seq-len", "128", "--max-num-seqs", "4", "--no-metrics"]
     args += ["--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(token_file)]
-    args += ["--drain-timeout-s", "60"]
+    args += ["--drain-timeout-s", "60", "--http-port", "0"]
     proc = ServerProcess(args, tmp_path_factory.mktemp("lifecycle_log") / "server.log")
     try:
+        proc.https = proc._wait_for(r"OpenAI API on (https://\S+)/v1", 60)
         with _channel(proc, cert) as channel:
             proc.wait_ready(channel)
         yield proc
@@ -83,6 +87,27 @@ def test_without_the_right_token_every_rpc_is_unauthenticated(server, tls_files,
             assert "bearer token" in e.value.details()
         # Health stays open for probes.
         assert client.health() == "SERVING"
+
+
+def test_https_from_the_same_certificate_and_no_prompt_in_the_info_log(server, tls_files):
+    _, cert = tls_files
+    secret = "zq-private-prompt-7f3a"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"prompt": secret, "max_tokens": 2}
+    with httpx.Client(verify=str(cert), headers=headers, timeout=60) as https:
+        assert https.get(server.https + "/v1/models").status_code == 200
+        name = https.get(server.https + "/v1/models").json()["data"][0]["id"]
+        r = https.post(server.https + "/v1/completions", json={**body, "model": name})
+        assert r.status_code == 200, r.text
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP to the TLS port
+        httpx.get(server.https.replace("https://", "http://") + "/health", timeout=10)
+    with _channel(server, cert) as channel:
+        client_metadata = (("authorization", f"Bearer {TOKEN}"),)
+        stub = pb_grpc.LLMStub(channel)
+        request = pb.GenerateRequest(prompt=secret, sampling=pb.SamplingParams(max_tokens=2))
+        assert list(stub.Generate(request, metadata=client_metadata, timeout=60))
+    # The server logs at INFO (its default): requests are served, their text never logged.
+    assert "INFO" in server.log() and secret not in server.log()
 
 
 def test_a_plaintext_client_cannot_talk_to_the_tls_server(server):
