@@ -284,18 +284,18 @@ def linear(
         return y.astype(out_dtype).reshape(B, T, *out_shape)
     rows, out = B * T, math.prod(out_shape)
     on_cpu = jax.default_backend() == "cpu"
-    wq, s2 = w.reshape(out, -1), scale.reshape(out, -1)  # [O, I or I/2], [O, groups or 1]
+    s2 = scale.reshape(out, -1)  # [O, groups or 1]; w2 is [O, I] or packed [O, I/2]
     grouped = scale.ndim == w.ndim
     most = GROUPED_KERNEL_MAX_ROWS if grouped else KERNEL_MAX_ROWS
     if kernel and on_cpu and rows <= most and x2.shape[1] % 32 == 0:
         if cpu_kernels.available():
-            y = cpu_kernels.qmatmul(x2, wq, s2)
+            y = cpu_kernels.qmatmul(x2, w2, s2)
             return y.astype(out_dtype).reshape(B, T, *out_shape)
     if grouped:  # grouped scales, int8 or packed int4
         if not on_cpu:  # GPU/TPU compilers fuse the conversion into the matmul
-            y = jnp.matmul(x2, dequantize(wq, s2, x.dtype).T, preferred_element_type=jnp.float32)
+            y = jnp.matmul(x2, dequantize(w2, s2, x.dtype).T, preferred_element_type=jnp.float32)
         else:
-            y = _blockwise(x2, wq, s2)
+            y = _blockwise(x2, w2, s2)
         return y.astype(out_dtype).reshape(B, T, *out_shape)
     if not on_cpu:
         y = jnp.matmul(x2, w2.astype(x.dtype).T, preferred_element_type=jnp.float32)
