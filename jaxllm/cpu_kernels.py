@@ -1,10 +1,12 @@
-"""jaxllm's own CPU kernel (``jaxllm/kernels/qmatmul.cc``): built on first use, registered
-with XLA's FFI, and used by ``jaxllm.quantize`` for quantized matmuls of few rows.
+"""jaxllm's own CPU kernels (``jaxllm/kernels``): built on first use, registered with XLA's
+FFI, and used by ``jaxllm.quantize`` for matmuls of few rows.
 
-Why a kernel: XLA:CPU multiplies by an int8 weight through its vector-matrix loop at about
+Why kernels: XLA:CPU multiplies by an int8 weight through its vector-matrix loop at about
 10 G weights/s on this machine and by a packed int4 one at a third of that, slower than
-reading the float32 weight; the kernel multiplies in integers (see the source) and reads each
-weight byte once for all rows.
+reading the float32 weight; ``qmatmul.cc`` multiplies in integers and reads each weight byte
+once for all rows. And XLA:CPU copies a scanned layer's weight out of its stacked array
+before every matmul; both kernels read a layer of a stacked weight in place
+(``fmatmul.cc`` for float32).
 
 Built with the machine's C++ compiler (``$CXX``, else ``c++``) against the FFI headers that
 ship with jaxlib, with ``-march=native``, into a per-user folder (``~/.cache/jaxllm/kernels``,
@@ -35,8 +37,10 @@ from jaxtyping import Array, Float
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "qmatmul.cc"
-TARGET = "jaxllm_qmatmul"
+FOLDER = Path(__file__).with_name("kernels")
+SOURCES = [FOLDER / "qmatmul.cc", FOLDER / "fmatmul.cc"]  # one library, both targets
+HEADERS = [FOLDER / "parallel.h"]
+TARGETS = {"jaxllm_qmatmul": "JaxllmQMatmul", "jaxllm_fmatmul": "JaxllmFMatmul"}
 BLOCK = 32  # activation block and packing block of the kernel
 
 
@@ -58,10 +62,9 @@ def _cache_dir() -> Path:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + jax.__version__.encode()
-    ).hexdigest()[:16]
-    out = _cache_dir() / f"qmatmul-{key}.so"
+    code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(code + version.encode() + jax.__version__.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,7 @@ def _build(compiler: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
-    command += ["-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+    command += ["-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(partial)]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
         partial.replace(out)
@@ -100,11 +103,13 @@ def switched_off():
 def available() -> bool:
     """Whether the kernel may run in the program being traced: built and registered (once
     per process; False, with the reason logged, where it cannot be) and not switched off."""
-    return not _switched_off and _registered()
+    return not _switched_off and registered()
 
 
 @functools.cache
-def _registered() -> bool:
+def registered() -> bool:
+    """Whether the kernels are built and registered in this process (once; False, with the
+    reason logged, where they cannot be), switched off or not."""
     if os.environ.get("JAXLLM_CPU_KERNELS", "1") == "0":
         return False
     if not {"avx2", "fma"} <= _cpu_flags():
@@ -118,35 +123,57 @@ def _registered() -> bool:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("CPU kernels off: building %s failed: %s", SOURCE.name, detail[-2000:])
+        log.warning("CPU kernels off: building them failed: %s", detail[-2000:])
         return False
-    handler = jax.ffi.pycapsule(library.JaxllmQMatmul)
-    jax.ffi.register_ffi_target(TARGET, handler, platform="cpu")
+    for target, symbol in TARGETS.items():
+        handler = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(target, handler, platform="cpu")
     return True
+
+
+def _require() -> None:
+    if not registered():
+        raise RuntimeError("jaxllm's CPU kernels are not available here (see the log)")
+
+
+def _layer(layer: Array | int | None) -> Array:
+    return jnp.asarray(0 if layer is None else layer, jnp.int32)
+
+
+def matmul(
+    x: Float[Array, "R I"], w: Float[Array, "*L O I"], layer: Array | int | None = None
+) -> Float[Array, "R O"]:
+    """``x @ w.T`` in float32 by the kernel; ``w`` may be a stack of layers ``[L, O, I]``,
+    of which layer ``layer`` (a traced index; clamped to the stack) is read in place."""
+    _require()
+    call = jax.ffi.ffi_call("jaxllm_fmatmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32))
+    return call(x.astype(jnp.float32), w.astype(jnp.float32), _layer(layer))
 
 
 def qmatmul(
     x: Float[Array, "R I"],
     w: Array,
-    scale: Float[Array, "O G"],
-    mins: Float[Array, "O G"] | None = None,
+    scale: Float[Array, "*L O G"],
+    mins: Float[Array, "*L O G"] | None = None,
+    layer: Array | int | None = None,
 ) -> Float[Array, "R O"]:
     """``x @ dequantize(w).T`` by the kernel, with ``x`` rounded to int8 per block of 32.
     ``w``: int8 ``[O, I]`` or packed int4 ``uint8 [O, I / 2]`` (``jaxllm.quantize.pack_int4``);
     ``scale``: one per group of ``I / G`` inputs; ``mins``: asymmetric int4 (``w = scale *
-    u + min`` for the unsigned nibble ``u``), else symmetric (``scale * (u - 8)``)."""
-    if not _registered():
-        raise RuntimeError("jaxllm's CPU kernel is not available here (see the log)")
+    u + min`` for the unsigned nibble ``u``), else symmetric (``scale * (u - 8)``). All three
+    may be stacks of layers (a leading ``L``), of which ``layer`` is read in place."""
+    _require()
     rows, width = x.shape
-    outputs, groups = scale.shape
+    outputs, groups = scale.shape[-2:]
     bits = 8 if w.dtype == jnp.int8 else 4
     has_min = mins is not None
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, outputs), jnp.float32))
-    return call(
+    out = jax.ShapeDtypeStruct((rows, outputs), jnp.float32)
+    return jax.ffi.ffi_call("jaxllm_qmatmul", out)(
         x.astype(jnp.float32),
         w,
         scale.astype(jnp.float32),
         mins.astype(jnp.float32) if has_min else jnp.zeros((1, 1), jnp.float32),
+        _layer(layer),
         bits=np.int32(bits),
         group=np.int32(width // groups),
         has_min=np.int32(has_min),

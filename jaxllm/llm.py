@@ -125,9 +125,10 @@ class LLM:
         in ``llm.engine.stats()["startup"]``.
 
         ``scan_layers``: run the decoder layers with ``jax.lax.scan`` over stacked weights,
-        so compile time does not grow with depth; None (default) scans except on CPU, where
-        XLA copies each layer's weights out of the stack before its matmuls (``jaxllm.model``).
-        Logits are the same either way."""
+        so compile time does not grow with depth; None (default) scans except on a CPU mesh
+        of several devices, where XLA copies each layer's weights out of the stack before its
+        matmuls (``jaxllm.model``, ``jaxllm.params.default_scan_layers``). Logits are the
+        same either way, to float rounding."""
         cache_dir = startup.use_compilation_cache(compilation_cache)
         report = startup.StartupReport(cache_dir=str(cache_dir) if cache_dir else None)
         if mesh is None and jax.default_backend() == "cpu":

@@ -13,16 +13,18 @@ that way at 1-32 rows (measured here, interleaved in one process; 10% slower at 
 small-batch decode is bound by streaming the weights. Shapes use the glossary in
 ``jaxllm.config``.
 
-Layers are scanned (``scan_layers``, the default on TPU and GPU): every decoder layer's
-parameter is one array with a leading ``layers`` axis (``layers.attn.wq: [L, N, H, D]``), and
-``jax.lax.scan`` runs one traced copy of the layer over it, so a program's size and compile
-time do not grow with depth. On CPU the default is one array per layer and a Python loop
-(``layers.0.attn.wq``): XLA:CPU copies a scanned layer's weight slice out of the stacked
-array before every matmul of more than one row (measured: a 24-layer 1.1 GB model's decode
-step 193 ms scanned against 71 ms unrolled), and decode streams weights, so the copy costs
-more than compiling every layer does. Either way the KV pool is one ``[L, ...]`` array,
-indexed by layer, updated in place (in the scan's carry when scanned). Checkpoints name
-layers one by one; ``jaxllm.params`` stacks them at load when the model scans.
+Layers are scanned (``scan_layers``, the default wherever layers are read in place): every
+decoder layer's parameter is one array with a leading ``layers`` axis (``layers.attn.wq:
+[L, N, H, D]``), and ``jax.lax.scan`` runs one traced copy of the layer over it, so a
+program's size and compile time do not grow with depth. XLA:CPU copies a layer's slice out
+of a stacked weight before each matmul (measured: a 24-layer 1.1 GB model's decode step 193
+ms scanned against 71 ms unrolled), so the scan hands each layer its linear weights whole,
+with the layer's index, and on one CPU device jaxllm's kernels (``jaxllm.cpu_kernels``)
+read the layer where it lies; on CPU meshes of several devices, where a custom kernel cannot
+run, layers are unrolled by default: one array per layer and a Python loop
+(``layers.0.attn.wq``). Either way the KV pool is one ``[L, ...]`` array, indexed by layer,
+updated in place (in the scan's carry when scanned). Checkpoints name layers one by one;
+``jaxllm.params`` stacks them at load when the model scans.
 """
 
 from __future__ import annotations
@@ -110,15 +112,16 @@ def _scale(p: nnx.Param | None):
     return None if p is None else p[...]
 
 
-def _linear(module, x, weight: nnx.Param, scale: nnx.Param | None, in_dims: int = 1):
-    """``quantize.linear`` of a layer's weight, as its module is laid out."""
+def _linear(module, x, weight: nnx.Param, scale: nnx.Param | None, layer, in_dims: int = 1):
+    """``quantize.linear`` of a layer's weight, as its module is laid out: ``layer`` of the
+    stacked weight when the module is a scanned model's stack of layers."""
     return quantize.linear(
         x,
         weight[...],
         _scale(scale),
         in_dims,
-        sliced=module.sliced,
         kernel=module.layout.local,
+        layer=layer if module.stacked else None,
     )
 
 
@@ -131,7 +134,7 @@ class Attention(nnx.Module):
         quantized,
         rngs,
         kernels: attention_kernels.AttentionKernels,
-        sliced: bool = False,
+        stacked: bool = False,
     ):
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = ("q_heads", "head_dim", "embed"), ("kv_heads", "head_dim", "embed")
@@ -159,7 +162,7 @@ class Attention(nnx.Module):
         self.num_kv_heads, self.head_dim = K, H
         self.layout = layout
         self.kernels = kernels  # which attention code runs (jaxllm.attention_kernels)
-        self.sliced = sliced  # weights are slices of stacked arrays (quantize.linear)
+        self.stacked = stacked  # weights hold every layer (_linear; Transformer._scan_layers)
 
     def __call__(
         self,
@@ -177,9 +180,9 @@ class Attention(nnx.Module):
         """This layer's attention; with a pool and a step, writes the step's keys and values
         into layer ``layer`` of the pool and reads each row's pages from it."""
         # [B, T, N or K, H]: the weights are read in their stored [out, in] order.
-        q = _linear(self, x, self.wq, self.wq_scale)
-        k = _linear(self, x, self.wk, self.wk_scale)
-        v = _linear(self, x, self.wv, self.wv_scale)
+        q = _linear(self, x, self.wq, self.wq_scale, layer)
+        k = _linear(self, x, self.wk, self.wk_scale, layer)
+        v = _linear(self, x, self.wv, self.wv_scale, layer)
         if self.qkv_bias:
             q, k, v = q + self.bq[None, None], k + self.bk[None, None], v + self.bv[None, None]
         if self.qk_norm:
@@ -212,7 +215,7 @@ class Attention(nnx.Module):
         # [B, T, N*H] @ [D, N*H].T, merged explicitly: left to einsum, XLA's CPU backend picked
         # the contraction order (H, N) and transposed all of wo on every decode step.
         out = out.reshape(B, T, N * H)
-        out = _linear(self, out, self.wo, self.wo_scale, 2)
+        out = _linear(self, out, self.wo, self.wo_scale, layer, 2)
         if self.o_bias:
             out = out + self.bo[None, None]
         return out, pool
@@ -220,7 +223,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(
-        self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs, sliced=False
+        self, cfg: ModelConfig, layout: Layout, dtype, quantized, rngs: nnx.Rngs, stacked=False
     ):
         D, F = cfg.hidden_size, cfg.intermediate_size
         self.w_gate, self.w_gate_scale = _weight(rngs, (F, D), ("mlp", "embed"), dtype, quantized)
@@ -228,15 +231,16 @@ class MLP(nnx.Module):
         self.w_down, self.w_down_scale = _weight(rngs, (D, F), ("embed", "mlp"), dtype, quantized)
         self.activation = cfg.mlp_activation
         self.layout = layout
-        self.sliced = sliced  # weights are slices of stacked arrays (quantize.linear)
+        self.stacked = stacked  # weights hold every layer (_linear; Transformer._scan_layers)
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        gate = _linear(self, x, self.w_gate, self.w_gate_scale)
-        up = _linear(self, x, self.w_up, self.w_up_scale)
+    def __call__(self, x: Float[Array, "B T D"], layer: Int[Array, ""] | int = 0) -> Float[Array, "B T D"]:
+        """The MLP of layer ``layer`` (which layer of the weights, when they are stacked)."""
+        gate = _linear(self, x, self.w_gate, self.w_gate_scale, layer)
+        up = _linear(self, x, self.w_up, self.w_up_scale, layer)
         # SwiGLU, or GeGLU with the tanh approximation (Gemma's gelu_pytorch_tanh).
         gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, True)
         hidden = self.layout(gate * up, "act_batch", "act_length", "act_mlp")
-        return _linear(self, hidden, self.w_down, self.w_down_scale)
+        return _linear(self, hidden, self.w_down, self.w_down_scale, layer)
 
 
 class MoE(nnx.Module):
@@ -284,8 +288,9 @@ class MoE(nnx.Module):
 
 class Block(nnx.Module):
     """One decoder layer. A scanned model holds a single Block whose parameters are stacked
-    over layers (``stacked_blocks``, ``sliced``: the scan hands each layer slices of them);
-    an unrolled one holds one per layer. ``Transformer.block(i)`` is layer ``i`` alone."""
+    over layers (``stacked_blocks``; the scan hands each layer its slices of the small ones
+    and the linear weights whole, ``stacked``, with the layer's index); an unrolled one holds
+    one per layer. ``Transformer.block(i)`` is layer ``i`` alone."""
 
     def __init__(
         self,
@@ -295,16 +300,16 @@ class Block(nnx.Module):
         quantized,
         rngs: nnx.Rngs,
         kernels,
-        sliced: bool = False,
+        stacked: bool = False,
     ):
         D = cfg.hidden_size
         self.attn_norm = _norm(cfg, D, dtype, rngs)
-        self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels, sliced)
+        self.attn = Attention(cfg, layout, dtype, quantized, rngs, kernels, stacked)
         self.mlp_norm = _norm(cfg, D, dtype, rngs)
         if cfg.num_experts:
             self.moe = MoE(cfg, layout, dtype, quantized, rngs)
         else:
-            self.mlp = MLP(cfg, layout, dtype, quantized, rngs, sliced)
+            self.mlp = MLP(cfg, layout, dtype, quantized, rngs, stacked)
         self.num_experts = cfg.num_experts
         self.sandwich_norms = cfg.sandwich_norms
         if cfg.sandwich_norms:  # Gemma 3: each branch normalised again before the residual
@@ -325,7 +330,7 @@ class Block(nnx.Module):
         if self.num_experts:
             mlp_out, load = self.moe(self.mlp_norm(x), mask)
         else:
-            mlp_out, load = self.mlp(self.mlp_norm(x)), jnp.zeros((0,), jnp.float32)
+            mlp_out, load = self.mlp(self.mlp_norm(x), layer), jnp.zeros((0,), jnp.float32)
         if self.sandwich_norms:
             mlp_out = self.mlp_post_norm(mlp_out)
         x = x + mlp_out
@@ -338,7 +343,7 @@ def stacked_blocks(
     """One Block whose every parameter holds all layers on a leading ``layers`` axis (layer
     ``i`` at index ``i``, initialised as its own Block would be)."""
     blocks = [
-        Block(cfg, layout, dtype, quantized, rngs, kernels, sliced=True)
+        Block(cfg, layout, dtype, quantized, rngs, kernels, stacked=True)
         for _ in range(cfg.num_layers)
     ]
     split = [nnx.split(block) for block in blocks]
@@ -351,6 +356,18 @@ def stacked_blocks(
     states = [state for _, state in split]
     stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.merge(split[0][0], stacked)
+
+
+# The weights that _linear reads (and their scales): a scanned model hands them to each layer
+# whole, with the layer's index, rather than slices of them.
+_LINEAR_WEIGHTS = {"attn": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_down")}
+
+
+def _read_by_linear(path: tuple, _value) -> bool:
+    """An ``nnx.split`` filter: a Block's parameters that ``_linear`` reads."""
+    if len(path) != 2:
+        return False
+    return str(path[1]).removesuffix("_scale") in _LINEAR_WEIGHTS.get(str(path[0]), ())
 
 
 class Transformer(nnx.Module):
@@ -467,8 +484,10 @@ class Transformer(nnx.Module):
 
     def _scan_layers(self, x, positions, angles, pool, step, block_pages, kv_dtype, mask):
         """Runs the stacked layers in order with ``jax.lax.scan``: one traced layer, the
-        residual stream and the pool carried from layer to layer."""
-        graphdef, state = nnx.split(self.layers)
+        residual stream and the pool carried from layer to layer. The linear weights go to
+        every layer whole, with the layer's index (``_linear``): sliced per layer, XLA:CPU
+        copies each out of its stack before the matmul."""
+        graphdef, whole, state = nnx.split(self.layers, _read_by_linear, ...)
         windows = self.windows()
         per_layer = isinstance(windows, np.ndarray)
         L = self.config.num_layers
@@ -477,7 +496,7 @@ class Transformer(nnx.Module):
         def layer(carry, xs):
             x, pool = carry
             params, i, window, which_rope = xs
-            block = nnx.merge(graphdef, params)
+            block = nnx.merge(graphdef, whole, params)
             window = window if per_layer else windows
             cos, sin = angles[:, which_rope]
             with jax.named_scope("layer"):
@@ -510,7 +529,11 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         windows = self.windows()
         window = int(windows[i]) if isinstance(windows, np.ndarray) else windows
-        return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state)), window
+        block = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+        for part in (block.attn, getattr(block, "mlp", None)):
+            if part is not None:
+                part.stacked = False  # its weights are layer i's alone now
+        return block, window
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         with jax.named_scope("lm_head"):

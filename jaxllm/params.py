@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm import head_layout, quantize, startup
+from jaxllm import cpu_kernels, head_layout, quantize, startup
 from jaxllm.config import ModelConfig
 from jaxllm.model import Transformer
 from sharding import ShardingRules
@@ -53,13 +53,13 @@ class ModelSpec:
     # False: heads that the tensor axis does not divide are replicated instead of padded and
     # copied (training: a copied KV head would get its own gradient and drift apart).
     split_heads: bool = True
-    # Stacked layers run by jax.lax.scan (jaxllm.model); None: scanned except on CPU.
+    # Stacked layers run by jax.lax.scan (jaxllm.model); None: default_scan_layers(mesh).
     scan_layers: bool | None = None
 
     def __post_init__(self):
         quantize.check_method(self.quantized)
         if self.scan_layers is None:
-            object.__setattr__(self, "scan_layers", default_scan_layers())
+            object.__setattr__(self, "scan_layers", default_scan_layers(self.mesh))
         stored = self.config.stored
         layout = head_layout.plan(stored.num_heads, stored.num_kv_heads, self.head_split)
         if not layout.is_identity:
@@ -267,10 +267,14 @@ def param_axes(config: ModelConfig, quantized: str | None = None) -> dict[str, t
 LAYERS = "layers."  # parameter names of decoder layers start with this
 
 
-def default_scan_layers() -> bool:
-    """Scan stacked layers except on CPU, where XLA copies each scanned layer's weights
-    before its matmuls (``jaxllm.model``)."""
-    return jax.default_backend() != "cpu"
+def default_scan_layers(mesh: Mesh) -> bool:
+    """Scan stacked layers (compile time does not grow with depth) wherever each layer's
+    weights are read in place: on TPU and GPU, and on a one-device CPU mesh with jaxllm's
+    CPU kernels. XLA:CPU alone copies a scanned layer's weights out of their stack before
+    its matmuls (``jaxllm.model``), so CPU meshes of several devices run layers unrolled."""
+    if jax.default_backend() != "cpu":
+        return True
+    return mesh.size == 1 and cpu_kernels.registered()
 
 
 def is_stacked(name: str) -> bool:

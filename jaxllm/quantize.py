@@ -39,7 +39,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8, UInt8
+from jaxtyping import Array, Float, Int, Int8, UInt8
 
 from jaxllm import cpu_kernels
 
@@ -64,6 +64,9 @@ GROUPED_KERNEL_MAX_ROWS = 64
 # products, 4 rows 13.3 against 9.6, 1 row 5.5 either way; in a MoE layer's experts
 # (T=64, blocks of 4-8 rows) 8-row products lost to the matmul again.
 SLICED_ROW_LOOP_MAX_ROWS = 4
+# Rows up to which jaxllm's float32 kernel multiplies a scanned layer's weight (read in place
+# in its stack; XLA copies it out first): see jaxllm.cpu_kernels.
+FLOAT_KERNEL_MAX_ROWS = 64
 # Weight rows converted to float together when many rows multiply (see _blockwise).
 BLOCK_ROWS = 256
 
@@ -258,45 +261,64 @@ def linear(
     out_dtype=None,
     sliced: bool = False,
     kernel: bool = False,
+    layer: Int[Array, ""] | int | None = None,
 ) -> Array:
     """``x @ w.T`` for a weight ``w [*out, *in]`` stored ``[out, in]`` (its last ``in_dims``
     dims flattened are ``I``), float or quantized (then ``scale``, see ``quantize``); returns
     ``[B, T, *out]`` in ``out_dtype`` (default: ``x``'s). Products accumulate in float32
     whatever the operands (bfloat16 on TPU/GPU). An int8 weight is never copied to float
-    whole for few rows (see the module docstring). ``sliced``: ``w`` is a scanned layer's
-    slice of a stacked array, which XLA:CPU reads in place for one row only when the product
-    is spelled ``x @ w.T`` (an einsum copies the slice first: a 24-layer decode step took
-    193 ms against 67 ms); for whole arrays the einsum streams faster (54 ms against 75 ms).
-    ``kernel``: the product runs on one device, so on CPU jaxllm's kernel may take it (few
-    rows; ``jaxllm.cpu_kernels``), with ``x`` rounded to int8 per block of 32."""
+    whole for few rows (see the module docstring). ``sliced``: ``w`` is a slice of a stacked
+    array (an expert), which XLA:CPU reads in place for one row only when the product is
+    spelled ``x @ w.T`` (an einsum copies the slice first); for whole arrays the einsum
+    streams faster (54 ms against 75 ms for a 24-layer decode step). ``layer``: ``w`` and
+    ``scale`` are a scanned model's stacks (a leading layers axis) and this is layer
+    ``layer`` of them. ``kernel``: the product runs on one device, so on CPU jaxllm's kernels
+    may take it (few rows; ``jaxllm.cpu_kernels``): they read a stacked layer in place, where
+    XLA copies it out first, and round ``x`` to int8 per block of 32 for quantized weights."""
     out_dtype = out_dtype or x.dtype
-    out_shape = w.shape[: w.ndim - in_dims]
-    w2 = w.reshape(math.prod(out_shape), -1)
-    B, T, _ = x.shape
-    x2 = x.reshape(B * T, x.shape[-1])
-    if scale is None:
-        if sliced and jax.default_backend() == "cpu" and B * T <= SLICED_ROW_LOOP_MAX_ROWS:
-            y = _row_products(x2, w2)
-        elif sliced:
-            y = jnp.matmul(x2, w2.T, preferred_element_type=jnp.float32)
-        else:
-            y = jnp.einsum("BTI,OI->BTO", x, w2, preferred_element_type=jnp.float32)
-        return y.astype(out_dtype).reshape(B, T, *out_shape)
-    rows, out = B * T, math.prod(out_shape)
+    stacked = layer is not None
+    out_shape = w.shape[stacked : w.ndim - in_dims]
+    out, rows = math.prod(out_shape), x.shape[0] * x.shape[1]
+    w2 = w.reshape(*w.shape[:stacked], out, -1)  # [(L,) O, I], or packed [(L,) O, I / 2]
+    s2 = None if scale is None else scale.reshape(*w.shape[:stacked], out, -1)
+    x2 = x.reshape(rows, x.shape[-1])
+    grouped = scale is not None and scale.ndim == w.ndim
+    y = _kernel_product(x2, w2, s2, grouped, layer) if kernel else None
+    if y is None:
+        if stacked:  # XLA copies the layer out of the stack: the kernels avoid that
+            w2, s2 = w2[layer], None if s2 is None else s2[layer]
+        y = _xla_product(x, x2, w2, s2, grouped, sliced or stacked)
+    return y.astype(out_dtype).reshape(*x.shape[:2], *out_shape)
+
+
+def _kernel_product(x2, w2, s2, grouped: bool, layer) -> Array | None:
+    """``x2 @ w2.T`` by jaxllm's CPU kernels where they take it (see ``linear``), else None."""
+    rows, width = x2.shape
+    if jax.default_backend() != "cpu" or not cpu_kernels.available():
+        return None
+    if s2 is None:  # float32: only a stacked layer, which XLA would copy first
+        if layer is None or w2.dtype != jnp.float32 or x2.dtype != jnp.float32:
+            return None
+        return cpu_kernels.matmul(x2, w2, layer) if rows <= FLOAT_KERNEL_MAX_ROWS else None
+    if rows > (GROUPED_KERNEL_MAX_ROWS if grouped else KERNEL_MAX_ROWS) or width % 32:
+        return None
+    return cpu_kernels.qmatmul(x2, w2, s2, layer=layer)
+
+
+def _xla_product(x, x2, w2, s2, grouped: bool, sliced: bool) -> Array:
+    """``x2 @ w2.T`` in XLA's own code, spelled as XLA:CPU runs it fastest (module docstring)."""
+    rows = x2.shape[0]
     on_cpu = jax.default_backend() == "cpu"
-    s2 = scale.reshape(out, -1)  # [O, groups or 1]; w2 is [O, I] or packed [O, I/2]
-    grouped = scale.ndim == w.ndim
-    most = GROUPED_KERNEL_MAX_ROWS if grouped else KERNEL_MAX_ROWS
-    if kernel and on_cpu and rows <= most and x2.shape[1] % 32 == 0:
-        if cpu_kernels.available():
-            y = cpu_kernels.qmatmul(x2, w2, s2)
-            return y.astype(out_dtype).reshape(B, T, *out_shape)
+    if s2 is None:
+        if sliced and on_cpu and rows <= SLICED_ROW_LOOP_MAX_ROWS:
+            return _row_products(x2, w2)
+        if sliced:
+            return jnp.matmul(x2, w2.T, preferred_element_type=jnp.float32)
+        return jnp.einsum("BTI,OI->BTO", x, w2, preferred_element_type=jnp.float32)
     if grouped:  # grouped scales, int8 or packed int4
         if not on_cpu:  # GPU/TPU compilers fuse the conversion into the matmul
-            y = jnp.matmul(x2, dequantize(w2, s2, x.dtype).T, preferred_element_type=jnp.float32)
-        else:
-            y = _blockwise(x2, w2, s2)
-        return y.astype(out_dtype).reshape(B, T, *out_shape)
+            return jnp.matmul(x2, dequantize(w2, s2, x.dtype).T, preferred_element_type=jnp.float32)
+        return _blockwise(x2, w2, s2)
     if not on_cpu:
         y = jnp.matmul(x2, w2.astype(x.dtype).T, preferred_element_type=jnp.float32)
     elif rows <= ROW_LOOP_MAX_ROWS:
@@ -304,8 +326,7 @@ def linear(
         y = _row_products(x2, w2.astype(x.dtype))
     else:
         y = _blockwise(x2, w2)
-    y = y.astype(jnp.float32) * scale.reshape(1, -1).astype(jnp.float32)
-    return y.astype(out_dtype).reshape(B, T, *out_shape)
+    return y.astype(jnp.float32) * s2.reshape(1, -1).astype(jnp.float32)
 
 
 def _blockwise(x: Float[Array, "R I"], w: Array, scale: Array | None = None) -> Array:

@@ -10,14 +10,10 @@
 // Needs AVX2 and FMA (built with -march=native on the machine that runs it).
 #include <immintrin.h>
 #include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
 #include <cmath>
+#include <cstdint>
 #include <memory>
-#include <functional>
-#include <thread>
-#include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -134,49 +130,30 @@ void run(const Problem& p, int64_t o0, int64_t o1) {
   }
 }
 
-// Splits the outputs into chunks that the caller and the pool's threads claim in turn; the
-// caller waits only for chunks already claimed, so a busy pool never blocks it.
-void parallel_outputs(ffi::ThreadPool& pool, int64_t O, void (*fn)(const Problem&, int64_t, int64_t),
-                      const Problem& p) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t chunks, chunk, O;
-  };
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto s = std::make_shared<Shared>();
-  s->chunk = std::max<int64_t>(16, (O + threads * 4 - 1) / (threads * 4));
-  s->chunks = (O + s->chunk - 1) / s->chunk;
-  s->O = O;
-  auto work = [s, fn, p]() {
-    for (;;) {
-      int64_t c = s->next.fetch_add(1);
-      if (c >= s->chunks) return;
-      fn(p, c * s->chunk, std::min(s->O, (c + 1) * s->chunk));
-      s->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, s->chunks); ++t) pool.Schedule(std::function<void()>(work));
-  work();
-  while (s->done.load(std::memory_order_acquire) < s->chunks) std::this_thread::yield();
-}
-
+// ``w``, ``scale`` and ``mins`` may hold a scanned model's layers stacked on a leading axis
+// (then ``layer`` says which one is read, in place); else ``layer`` is 0.
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mins,
-                   ffi::ResultBuffer<ffi::F32> y, int32_t bits, int32_t group, int32_t has_min) {
+                   ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int32_t bits,
+                   int32_t group, int32_t has_min) {
   auto xd = x.dimensions(), sd = scale.dimensions();
-  if (xd.size() != 2 || sd.size() != 2) return ffi::Error::InvalidArgument("x and scale must be 2-D");
+  if (xd.size() != 2 || (sd.size() != 2 && sd.size() != 3))
+    return ffi::Error::InvalidArgument("x must be [R, I] and scale [O, G] or [L, O, G]");
   Problem p;
   p.R = xd[0];
   p.I = xd[1];
-  p.O = sd[0];
+  p.O = sd[sd.size() - 2];
   p.group = group;
-  if (group % kBlock || p.I % group || sd[1] != p.I / group)
+  const int64_t L = sd.size() == 3 ? sd[0] : 1, groups_per_layer = p.O * sd[sd.size() - 1];
+  if (group % kBlock || p.I % group || sd[sd.size() - 1] != p.I / group)
     return ffi::Error::InvalidArgument("group must be a multiple of 32 dividing the input width");
-  if ((bits != 4 && bits != 8) || (int64_t)w.size_bytes() != p.O * p.I * bits / 8)
+  const int64_t layer_bytes = p.O * p.I * bits / 8;
+  if ((bits != 4 && bits != 8) || (int64_t)w.size_bytes() != L * layer_bytes)
     return ffi::Error::InvalidArgument("weight size does not match its bits");
-  p.w = static_cast<const uint8_t*>(w.untyped_data());
-  p.scale = scale.typed_data();
-  p.mins = has_min ? mins.typed_data() : nullptr;
+  const int64_t l = jaxllm::layer_index(layer, L);
+  p.w = static_cast<const uint8_t*>(w.untyped_data()) + l * layer_bytes;
+  p.scale = scale.typed_data() + l * groups_per_layer;
+  p.mins = has_min ? mins.typed_data() + l * groups_per_layer : nullptr;
   p.y = y->typed_data();
   // Activations to int8 per block of 32: xs = max|x| / 127, q = nearest(x * (1 / xs)); the
   // group sums (for mins) are of the rounded values, as the products are.
@@ -202,7 +179,8 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   p.xq = xq.get();
   p.xs = xs.get();
   p.xsum = xsum.get();
-  parallel_outputs(pool, p.O, bits == 4 ? &run<4> : &run<8>, p);
+  auto fn = bits == 4 ? &run<4> : &run<8>;
+  jaxllm::parallel_outputs(pool, p.O, 1, [fn, p](int64_t o0, int64_t o1) { fn(p, o0, o1); });
   return ffi::Error::Success();
 }
 
@@ -215,6 +193,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQMatmul, QMatmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("bits")
                                   .Attr<int32_t>("group")
