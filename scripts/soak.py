@@ -80,14 +80,18 @@ class Server:
         self.command = command + args.server_arg
         self.log_path = log_path
         self._log = open(log_path, "w")
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
         started = time.monotonic()
         self.proc = subprocess.Popen(
             self.command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
+        try:
+            self._start(started)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, started: float) -> None:
         self.process = psutil.Process(self.proc.pid)
         self.target = "127.0.0.1:" + self._wait_for(r"jaxllm: listening on [\d.]+:(\d+)")
         self.http_base = self._wait_for(r"OpenAI API on (http://\S+)/v1")
@@ -211,8 +215,12 @@ class Soak:
             finally:
                 sampler.cancel()
             self.duration_s = self.elapsed()
-            self.final_health = await sender.grpc.health()
-            self.server_metrics = await self._server_metrics()
+            try:
+                self.final_health = await sender.grpc.health()
+                self.server_metrics = await self._server_metrics()
+            except (grpc.aio.AioRpcError, httpx.HTTPError) as e:  # the server is gone
+                self.final_health = f"unreachable: {e!r}"[:300]
+                self.server_metrics = {"requests_by_outcome": {}, "http_5xx": None}
         finally:
             await sender.close()
 
@@ -242,11 +250,14 @@ class Soak:
 
     async def _lane(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            plan = self.mix.lane()
-            answer = await self.sender.send(plan)
-            self.tally.add(plan, answer)
+            answer = await self._send(self.mix.lane())
             if answer.outcome == "rejected":  # as a client should: back off, then retry
                 await asyncio.sleep(self.rng.uniform(0.1, 0.5))
+
+    async def _send(self, plan: Plan) -> Answer:
+        answer = await self.sender.send(plan)
+        self.tally.add(plan, answer)  # as it ends: the series count it in its own second
+        return answer
 
     async def _killer(self, stop: asyncio.Event) -> None:
         """One client subprocess at a time, SIGKILLed a random moment after its first piece."""
@@ -292,10 +303,8 @@ class Soak:
         watch = {"queue_depth": 0, "in_flight": 0, "slots_in_use": 0}
         watcher = asyncio.ensure_future(self._watch(watch))
         started = self.elapsed()
-        answers = await asyncio.gather(*(self.sender.send(p) for p in plans))
+        answers = await asyncio.gather(*(self._send(p) for p in plans))
         watcher.cancel()
-        for plan, answer in zip(plans, answers, strict=True):
-            self.tally.add(plan, answer)
         outcomes = collections.Counter(a.outcome for a in answers)
         self.bursts.append(
             {"t": round(started, 2), "size": size, "seconds": round(self.elapsed() - started, 2)}
@@ -304,8 +313,8 @@ class Soak:
         )
 
     async def _watch(self, peaks: dict) -> None:
-        """The burst's peaks, sampled faster than the 1 s series (the queue drains in about
-        a second)."""
+        """The burst's peaks, sampled faster than the 1 s series (the queue fills at once and
+        drains within seconds)."""
         while True:
             stats = await self._stats()
             if stats is not None:
@@ -475,9 +484,9 @@ def verdicts(result: dict, args: argparse.Namespace) -> dict[str, dict]:
         },
         "mix_ran": {
             "pass": not missing and (queued > 0 or refused > 0),
-            "detail": f"no {missing} outcomes; "
-            if missing
-            else f"bursts queued up to {queued} and refused {refused} requests",
+            "detail": f"requests ended {', '.join(o for o in OUTCOMES if outcomes[o])}"
+            + (f" but none {', '.join(missing)}" if missing else "")
+            + f"; bursts queued up to {queued} and refused {refused} requests",
         },
         "clean_exit": {
             "pass": server["final_health"] == "SERVING" and server["exit_code"] == 0,
