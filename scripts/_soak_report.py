@@ -4,6 +4,7 @@ series over time, and a one-paragraph headline."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -37,8 +38,8 @@ def latency(latencies: dict[str, list[tuple[float, float | None]]]) -> dict[str,
 
 def rss(idle_checks: list[dict], duration_s: float, warm_up_share: float) -> dict:
     """RSS at two idle points: the last within the warm-up (or the first idle point, if the
-    warm-up ended before any) and the last of the run. Idle points compare like with like:
-    no request holds memory at either."""
+    warm-up ended before any) and the last of the run, and the highest at any idle point.
+    Idle points compare like with like: no request holds memory at either."""
     points = [(c["t"], c["rss_mb"]) for c in idle_checks]
     warm_up_end = warm_up_share * duration_s
     within = [p for p in points if p[0] <= warm_up_end]
@@ -146,8 +147,14 @@ def plot(result: dict, path: Path) -> bool:
         f"RSS {memory['growth_pct']:+.1f}% after warm-up; bursts shaded"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=90)
     plt.close(fig)
+    # 128 colours: a third of the bytes of full colour (the plot is committed under docs/),
+    # and these flat lines lose nothing visible.
+    from PIL import Image  # a dependency of matplotlib
+
+    Image.open(image).convert("RGB").quantize(colors=128).save(path, optimize=True)
     return True
 
 
