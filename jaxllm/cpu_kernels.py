@@ -146,7 +146,9 @@ def matmul(
     """``x @ w.T`` in float32 by the kernel; ``w`` may be a stack of layers ``[L, O, I]``,
     of which layer ``layer`` (a traced index; clamped to the stack) is read in place."""
     _require()
-    call = jax.ffi.ffi_call("jaxllm_fmatmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32))
+    call = jax.ffi.ffi_call(
+        "jaxllm_fmatmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
+    )
     return call(x.astype(jnp.float32), w.astype(jnp.float32), _layer(layer))
 
 

@@ -233,7 +233,9 @@ class MLP(nnx.Module):
         self.layout = layout
         self.stacked = stacked  # weights hold every layer (_linear; Transformer._scan_layers)
 
-    def __call__(self, x: Float[Array, "B T D"], layer: Int[Array, ""] | int = 0) -> Float[Array, "B T D"]:
+    def __call__(
+        self, x: Float[Array, "B T D"], layer: Int[Array, ""] | int = 0
+    ) -> Float[Array, "B T D"]:
         """The MLP of layer ``layer`` (which layer of the weights, when they are stacked)."""
         gate = _linear(self, x, self.w_gate, self.w_gate_scale, layer)
         up = _linear(self, x, self.w_up, self.w_up_scale, layer)

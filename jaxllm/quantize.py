@@ -29,6 +29,10 @@ matrices, interleaved in one process; scripts/bench_quant.py measures whole mode
 - int8 x int8 -> int32 with activations quantized per row (w8a8) as XLA spells it: 15 ms
   for one row (no fast path), about float32's time at 32-64 rows; not used.
 On GPU and TPU the conversion is left to the compiler, which fuses it into the matmul.
+
+A scanned model's layer (``linear(..., layer=i)``): the weight is the whole stack, and on one
+CPU device the kernels (float32 ones too, up to ``FLOAT_KERNEL_MAX_ROWS``) read layer ``i``
+where it lies; anywhere else it is sliced out first (XLA:CPU copies the slice).
 """
 
 from __future__ import annotations
@@ -65,8 +69,10 @@ GROUPED_KERNEL_MAX_ROWS = 64
 # (T=64, blocks of 4-8 rows) 8-row products lost to the matmul again.
 SLICED_ROW_LOOP_MAX_ROWS = 4
 # Rows up to which jaxllm's float32 kernel multiplies a scanned layer's weight (read in place
-# in its stack; XLA copies it out first): see jaxllm.cpu_kernels.
-FLOAT_KERNEL_MAX_ROWS = 64
+# in its stack; XLA copies it out first). Measured (scripts/bench_layer_matmul.py, 8 layers
+# of [2816, 1024]): kernel / XLA's slice-and-matmul 0.84 at 1 row, 0.18-0.6 at 2-32 rows,
+# 0.7-0.9 at 64-128, 0.8-1.1 above (XLA's matmul of few rows is slow on this CPU).
+FLOAT_KERNEL_MAX_ROWS = 128
 # Weight rows converted to float together when many rows multiply (see _blockwise).
 BLOCK_ROWS = 256
 

@@ -8,7 +8,8 @@ setting:
     f32           the model as stored (float32)
     int8          int8 weights, per-output-channel scales (``LLM.load(quantize="int8")``),
                   multiplied by jaxllm's CPU kernel where it applies (the default)
-    int8-xla      the same weights multiplied by XLA's own code (kernel switched off)
+    int8-xla      the same weights multiplied by XLA's own code (kernels switched off, and
+                  layers unrolled as they are without the kernels)
     int4          int4 weights, groups of 32 (``quantize="int4"``), kernel (the default)
     int4-xla      the same multiplied by XLA's own code
     int4-g128     int4 weights, groups of 128
@@ -107,9 +108,10 @@ def _kernels_of(name: str):
 SETTINGS = (
     Setting("f32", {}),
     Setting("int8", {"quantize": "int8"}),
-    Setting("int8-xla", {"quantize": "int8"}, kernels=False),
+    # Without the kernels layers are unrolled (jaxllm.params.default_scan_layers).
+    Setting("int8-xla", {"quantize": "int8", "scan_layers": False}, kernels=False),
     Setting("int4", {"quantize": "int4"}),
-    Setting("int4-xla", {"quantize": "int4"}, kernels=False),
+    Setting("int4-xla", {"quantize": "int4", "scan_layers": False}, kernels=False),
     Setting("int4-g128", {"quantize": "int4-g128"}),
     Setting("int8+kv8", {"quantize": "int8", "kv_cache_dtype": "int8"}),
     Setting("pruned25", {}, 0.25),
