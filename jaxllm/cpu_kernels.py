@@ -144,12 +144,32 @@ def matmul(
     x: Float[Array, "R I"], w: Float[Array, "*L O I"], layer: Array | int | None = None
 ) -> Float[Array, "R O"]:
     """``x @ w.T`` in float32 by the kernel; ``w`` may be a stack of layers ``[L, O, I]``,
-    of which layer ``layer`` (a traced index; clamped to the stack) is read in place."""
+    of which layer ``layer`` (a traced index; clamped to the stack) is read in place.
+    Differentiable (training a scanned model on one CPU device): the gradients are XLA's."""
     _require()
-    call = jax.ffi.ffi_call(
-        "jaxllm_fmatmul", jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
-    )
-    return call(x.astype(jnp.float32), w.astype(jnp.float32), _layer(layer))
+    return _float_product(x.astype(jnp.float32), w.astype(jnp.float32), _layer(layer))
+
+
+@jax.custom_vjp
+def _float_product(x, w, layer):
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[-2]), jnp.float32)
+    return jax.ffi.ffi_call("jaxllm_fmatmul", out)(x, w, layer)
+
+
+def _float_product_forward(x, w, layer):
+    return _float_product(x, w, layer), (x, w, layer)
+
+
+def _float_product_backward(saved, grad):
+    x, w, layer = saved
+    if w.ndim == 2:
+        return grad @ w, grad.T @ x, None
+    at = jnp.clip(layer, 0, w.shape[0] - 1)  # the layer the kernel read
+    w_grad = jax.lax.dynamic_update_index_in_dim(jnp.zeros_like(w), grad.T @ x, at, 0)
+    return grad @ w[at], w_grad, None
+
+
+_float_product.defvjp(_float_product_forward, _float_product_backward)
 
 
 def qmatmul(

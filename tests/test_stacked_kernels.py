@@ -133,3 +133,18 @@ def test_scanned_model_step_reads_weights_in_place(rows):
         with cpu_kernels.switched_off():
             plain = compiled_text()
         assert len(_weight_sized_copies(plain, smallest)) >= 7
+
+
+def test_float_kernel_gradients_are_the_products_gradients():
+    # Training a scanned model on one CPU device differentiates through the kernel.
+    w = jnp.asarray(_stack(layers=3, out=24, width=40))
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((5, 40)).astype(np.float32))
+
+    def loss(product):
+        return lambda x, w: jnp.sum(jnp.tanh(product(x, w)))
+
+    for layer in (0, 2):
+        got = jax.grad(loss(lambda x, w, i=layer: cpu_kernels.matmul(x, w, jnp.int32(i))), (0, 1))
+        want = jax.grad(loss(lambda x, w, i=layer: x @ w[i].T), (0, 1))
+        for g, r in zip(got(x, w), want(x, w), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
