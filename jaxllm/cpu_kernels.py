@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).with_name("kernels")
 SOURCES = [FOLDER / "qmatmul.cc", FOLDER / "fmatmul.cc"]  # one library, both targets
-HEADERS = [FOLDER / "parallel.h"]
+HEADERS = [FOLDER / "common.h"]
 TARGETS = {"jaxllm_qmatmul": "JaxllmQMatmul", "jaxllm_fmatmul": "JaxllmFMatmul"}
 BLOCK = 32  # activation block and packing block of the kernel
 

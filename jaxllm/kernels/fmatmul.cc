@@ -9,19 +9,11 @@
 // invariance). Needs AVX2 and FMA (built with -march=native on the machine that runs it).
 #include <immintrin.h>
 #include <cstdint>
-#include "parallel.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // Outputs [o0, o0 + TO) of rows [r0, r0 + TR): TO * TR sums of eight lanes, so the FMAs of
 // one step do not wait on each other, and each weight vector loaded once for TR rows.
@@ -42,7 +34,7 @@ inline void tile(const float* x, const float* w, float* y, int64_t I, int64_t O,
   }
   for (int u = 0; u < TO; ++u)
     for (int t = 0; t < TR; ++t) {
-      float v = hsum(acc[u][t]);
+      float v = jaxllm::hsum(acc[u][t]);
       for (int64_t j = i; j < I; ++j) v += x[(r0 + t) * I + j] * w[(o0 + u) * I + j];
       y[(r0 + t) * O + o0 + u] = v;
     }

@@ -13,21 +13,13 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
-#include "parallel.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
 constexpr int kBlock = 32;  // elements per packed block (and the smallest group)
-
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // Activations are quantized per block of 32 to int8 (as llama.cpp's Q8_0 does), so one block
 // of products is two integer multiply-adds instead of 32 float conversions and FMAs.
@@ -105,7 +97,7 @@ void run_rows(const Problem& p, const int32_t* group_of, int64_t r0, int64_t o0,
     for (int t = 0; t < TR; ++t) {
       __m256 total = acc[t][0];
       for (int a = 1; a < NA; ++a) total = _mm256_add_ps(total, acc[t][a]);
-      float v = hsum(total);
+      float v = jaxllm::hsum(total);
       if (has_min) {
         const float* gs = p.xsum + (r0 + t) * groups;
         const float* mrow = p.mins + o * groups;

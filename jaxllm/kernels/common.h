@@ -1,5 +1,7 @@
-// Shared by jaxllm's CPU kernels: splitting a kernel's outputs over XLA's intra-op threads.
+// Shared by jaxllm's CPU kernels: the sum of a vector's lanes, and splitting a kernel's outputs
+// over XLA's intra-op threads.
 #pragma once
+#include <immintrin.h>
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -9,6 +11,15 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace jaxllm {
+
+// The sum of the eight lanes of v.
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
 
 // Calls fn(o0, o1) on chunks of [0, O) (each a multiple of ``align`` but the last) that the
 // caller and the pool's threads claim in turn; the caller waits only for chunks already
